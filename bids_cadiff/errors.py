@@ -1,0 +1,49 @@
+"""Exceptions whose messages say what went wrong, where, and what to do about it.
+
+The CLI turns :class:`UsageError` into one line on stderr and exit code 2 (no traceback);
+:class:`InputError` fails one image and lets the run go on with the others.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class CadiffError(Exception):
+    """Base class: the message is meant for the user."""
+
+
+class UsageError(CadiffError):
+    """The command line or the datasets it names cannot be used (exit code 2)."""
+
+
+class InputError(CadiffError):
+    """One input image (or label map) cannot be processed.
+
+    Args:
+        path: the offending file.
+        reason: what is wrong with it and, where possible, what to do.
+    """
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class RegistrationError(InputError):
+    """The atlas could not be registered to an image well enough to trust its distance field."""
+
+
+class CheckpointError(CadiffError):
+    """A model checkpoint is missing, corrupt, truncated or does not match what it claims.
+
+    Args:
+        path: the checkpoint file.
+        reason: what is wrong and what to do.
+    """
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"model checkpoint {self.path}: {reason}")
