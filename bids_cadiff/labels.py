@@ -26,7 +26,12 @@ class Label:
         name: full name (FreeSurfer's ``FreeSurferColorLUT`` name for the built-in table).
         abbreviation: short name used as a column header in volume tables.
         color: ``#rrggbb`` display colour.
-        bids_label: the BIDS common image-derived label abbreviation it maps to, or ``""``.
+        bids_label: the BIDS common image-derived label abbreviation it maps to, or ``""``:
+            one of BG, GM, WM, CSF, B, ST, NB, L, CGM, SGM, BS, CBM (BIDS specification,
+            derivatives "Common image-derived labels"; integer values 0-11 in that order,
+            written to the ``mapping`` column of ``dseg.tsv``). The most specific one applies:
+            cerebral cortex is CGM, deep grey nuclei, hippocampus, amygdala and ventral DC are
+            SGM, all cerebellar labels are CBM.
     """
 
     value: int
@@ -122,37 +127,37 @@ SYNTHSEG32 = LabelTable(
     (
         _fs(0, "Unknown", "BG", (0, 0, 0), "BG"),
         _fs(2, "Left-Cerebral-White-Matter", "L-WM", (245, 245, 245), "WM"),
-        _fs(3, "Left-Cerebral-Cortex", "L-CTX", (205, 62, 78), "GM"),
+        _fs(3, "Left-Cerebral-Cortex", "L-CTX", (205, 62, 78), "CGM"),
         _fs(4, "Left-Lateral-Ventricle", "L-LV", (120, 18, 134), "CSF"),
         _fs(5, "Left-Inf-Lat-Vent", "L-ILV", (196, 58, 250), "CSF"),
-        _fs(7, "Left-Cerebellum-White-Matter", "L-CBWM", (220, 248, 164), "WM"),
-        _fs(8, "Left-Cerebellum-Cortex", "L-CBCTX", (230, 148, 34), "GM"),
-        _fs(10, "Left-Thalamus", "L-TH", (0, 118, 14), "Th"),
-        _fs(11, "Left-Caudate", "L-CA", (122, 186, 220), "Ca"),
-        _fs(12, "Left-Putamen", "L-PU", (236, 13, 176), "Pu"),
-        _fs(13, "Left-Pallidum", "L-PA", (12, 48, 255), "GP"),
+        _fs(7, "Left-Cerebellum-White-Matter", "L-CBWM", (220, 248, 164), "CBM"),
+        _fs(8, "Left-Cerebellum-Cortex", "L-CBCTX", (230, 148, 34), "CBM"),
+        _fs(10, "Left-Thalamus", "L-TH", (0, 118, 14), "SGM"),
+        _fs(11, "Left-Caudate", "L-CA", (122, 186, 220), "SGM"),
+        _fs(12, "Left-Putamen", "L-PU", (236, 13, 176), "SGM"),
+        _fs(13, "Left-Pallidum", "L-PA", (12, 48, 255), "SGM"),
         _fs(14, "3rd-Ventricle", "3V", (204, 182, 142), "CSF"),
         _fs(15, "4th-Ventricle", "4V", (42, 204, 164), "CSF"),
         _fs(16, "Brain-Stem", "BS", (119, 159, 176), "BS"),
-        _fs(17, "Left-Hippocampus", "L-HI", (220, 216, 20), "Hi"),
-        _fs(18, "Left-Amygdala", "L-AM", (103, 255, 255), "Am"),
+        _fs(17, "Left-Hippocampus", "L-HI", (220, 216, 20), "SGM"),
+        _fs(18, "Left-Amygdala", "L-AM", (103, 255, 255), "SGM"),
         _fs(24, "CSF", "CSF", (60, 60, 60), "CSF"),
-        _fs(26, "Left-Accumbens-area", "L-AC", (255, 165, 0), "GM"),
-        _fs(28, "Left-VentralDC", "L-VDC", (165, 42, 42), "GM"),
+        _fs(26, "Left-Accumbens-area", "L-AC", (255, 165, 0), "SGM"),
+        _fs(28, "Left-VentralDC", "L-VDC", (165, 42, 42), "SGM"),
         _fs(41, "Right-Cerebral-White-Matter", "R-WM", (245, 245, 245), "WM"),
-        _fs(42, "Right-Cerebral-Cortex", "R-CTX", (205, 62, 78), "GM"),
+        _fs(42, "Right-Cerebral-Cortex", "R-CTX", (205, 62, 78), "CGM"),
         _fs(43, "Right-Lateral-Ventricle", "R-LV", (120, 18, 134), "CSF"),
         _fs(44, "Right-Inf-Lat-Vent", "R-ILV", (196, 58, 250), "CSF"),
-        _fs(46, "Right-Cerebellum-White-Matter", "R-CBWM", (220, 248, 164), "WM"),
-        _fs(47, "Right-Cerebellum-Cortex", "R-CBCTX", (230, 148, 34), "GM"),
-        _fs(49, "Right-Thalamus", "R-TH", (0, 118, 14), "Th"),
-        _fs(50, "Right-Caudate", "R-CA", (122, 186, 220), "Ca"),
-        _fs(51, "Right-Putamen", "R-PU", (236, 13, 176), "Pu"),
-        _fs(52, "Right-Pallidum", "R-PA", (13, 48, 255), "GP"),
-        _fs(53, "Right-Hippocampus", "R-HI", (220, 216, 20), "Hi"),
-        _fs(54, "Right-Amygdala", "R-AM", (103, 255, 255), "Am"),
-        _fs(58, "Right-Accumbens-area", "R-AC", (255, 165, 0), "GM"),
-        _fs(60, "Right-VentralDC", "R-VDC", (165, 42, 42), "GM"),
+        _fs(46, "Right-Cerebellum-White-Matter", "R-CBWM", (220, 248, 164), "CBM"),
+        _fs(47, "Right-Cerebellum-Cortex", "R-CBCTX", (230, 148, 34), "CBM"),
+        _fs(49, "Right-Thalamus", "R-TH", (0, 118, 14), "SGM"),
+        _fs(50, "Right-Caudate", "R-CA", (122, 186, 220), "SGM"),
+        _fs(51, "Right-Putamen", "R-PU", (236, 13, 176), "SGM"),
+        _fs(52, "Right-Pallidum", "R-PA", (13, 48, 255), "SGM"),
+        _fs(53, "Right-Hippocampus", "R-HI", (220, 216, 20), "SGM"),
+        _fs(54, "Right-Amygdala", "R-AM", (103, 255, 255), "SGM"),
+        _fs(58, "Right-Accumbens-area", "R-AC", (255, 165, 0), "SGM"),
+        _fs(60, "Right-VentralDC", "R-VDC", (165, 42, 42), "SGM"),
     )
 )
 

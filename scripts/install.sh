@@ -40,7 +40,7 @@ install_system() {
 install_python() {
   "$python" -m pip install -q --upgrade pip
   local spec="$here"
-  if [ -n "$extras" ]; then spec="$here[$extras]"; fi
+  if [ -n "$extras" ]; then spec="${here}[${extras}]"; fi
   if [ -n "${TORCH_SPEC:-}" ]; then
     "$python" -m pip install -q "$TORCH_SPEC"
     # the container's torch stays; every other pin still applies

@@ -1,0 +1,135 @@
+"""Group level: gather every per-image volume table into one table with a data dictionary.
+
+Reads ``OUTPUT_DIR/sub-*/[ses-*/]anat/*_desc-cadiff_volumes.tsv`` and writes
+``OUTPUT_DIR/group/desc-cadiff_volumes.tsv`` (one row per T1w) and its ``.json`` sidecar.
+Columns: ``participant_id``, then ``session_id``, ``acquisition``, ``reconstruction``, ``run``
+(only those some image has), one column per structure abbreviation (mm^3), ``TotalBrain``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from bids_cadiff.bidsio import derivatives as deriv
+from bids_cadiff.config import RunConfig
+from bids_cadiff.errors import UsageError
+from bids_cadiff.labels import SYNTHSEG32, LabelTable
+
+logger = logging.getLogger(__name__)
+
+
+def _read_row(path: Path) -> dict[str, Any]:
+    try:
+        rows = deriv.read_volumes_tsv(path)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UsageError(
+            f"cannot read {path}: {exc}. Delete it and run the participant level again for "
+            "that image (with --overwrite)."
+        ) from exc
+    if len(rows) != 1:
+        raise UsageError(
+            f"{path} should hold exactly one row of volumes, found {len(rows)}. Delete it and run "
+            "the participant level again for that image (with --overwrite)."
+        )
+    # Entities come from the file name (authoritative), volumes from the table.
+    row: dict[str, Any] = deriv.entity_columns(deriv.entities_from_name(path.name))
+    for key, value in rows[0].items():
+        if key in deriv.ENTITY_COLUMNS:
+            continue
+        if value in ("n/a", ""):
+            row[key] = None
+            continue
+        try:
+            row[key] = float(value)
+        except (TypeError, ValueError):
+            raise UsageError(
+                f"{path}: column {key!r} holds {value!r}, not a volume. Delete the file and run "
+                "the participant level again for that image (with --overwrite)."
+            ) from None
+    return row
+
+
+def collect_volumes(
+    output_dir: Path,
+    *,
+    participant_labels: tuple[str, ...] = (),
+    session_labels: tuple[str, ...] = (),
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows and column order of the group table.
+
+    Args:
+        output_dir: the derivatives dataset.
+        participant_labels: keep only these subjects (no ``sub-``); empty: all.
+        session_labels: keep only these sessions (no ``ses-``); empty: all.
+
+    Returns:
+        ``(rows, columns)``; rows sorted by file path.
+
+    Raises:
+        UsageError: no volume table selected, or one that cannot be read.
+    """
+    tables = deriv.find_volume_tables(output_dir)
+    selected = []
+    for path in tables:
+        ents = deriv.entities_from_name(path.name)
+        if participant_labels and ents.get("subject") not in participant_labels:
+            continue
+        if session_labels and ents.get("session") not in session_labels:
+            continue
+        selected.append(path)
+    if not selected:
+        what = ""
+        if participant_labels:
+            what += f" for participant(s) {', '.join(participant_labels)}"
+        if session_labels:
+            what += f" for session(s) {', '.join(session_labels)}"
+        raise UsageError(
+            f"no *_desc-{deriv.DESC}_volumes.tsv found in {output_dir}{what}; run the "
+            "participant level first (bids_cadiff BIDS_DIR OUTPUT_DIR participant)."
+        )
+    rows = [_read_row(p) for p in selected]
+
+    entity_cols = [c for c in deriv.ENTITY_COLUMNS if any(c in r for r in rows)]
+    structure_cols: list[str] = []
+    for row in rows:
+        for key in row:
+            if key not in deriv.ENTITY_COLUMNS and key != deriv.TOTAL_BRAIN and key not in structure_cols:
+                structure_cols.append(key)
+    columns = entity_cols + structure_cols + [deriv.TOTAL_BRAIN]
+    mismatched = [p for p, r in zip(selected, rows) if set(structure_cols) - set(r)]
+    if mismatched:
+        logger.warning(
+            "%d volume table(s) lack some structures (written as n/a), e.g. %s; they were made "
+            "with another label table",
+            len(mismatched),
+            mismatched[0],
+        )
+    return rows, columns
+
+
+def run_group(config: RunConfig) -> int:
+    """Aggregate the volumes of every processed T1w of ``config.output_dir``.
+
+    Returns:
+        0 on success.
+
+    Raises:
+        UsageError: nothing to aggregate (run the participant level first).
+    """
+    output_dir = Path(config.output_dir)
+    if not output_dir.is_dir():
+        raise UsageError(
+            f"output folder {output_dir} does not exist; run the participant level first."
+        )
+    rows, columns = collect_volumes(
+        output_dir,
+        participant_labels=config.participant_labels,
+        session_labels=config.session_labels,
+    )
+    table: LabelTable = deriv.read_dseg_tsv(output_dir) or SYNTHSEG32
+    tsv, sidecar = deriv.write_group_volumes(output_dir, rows, columns, table)
+    deriv.write_bidsignore(output_dir)
+    logger.info("group volumes of %d image(s) written to %s (+ %s)", len(rows), tsv, sidecar.name)
+    return 0

@@ -1,0 +1,145 @@
+"""Entry point of the ``bids_cadiff`` command: parse, set up logging and threads, dispatch.
+
+Exit codes: 0 success; 1 unexpected error (logged with its traceback) or failed images (as
+returned by the app); 2 usage error (one line on stderr); 130 interrupted (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import uuid
+from datetime import datetime
+from typing import Sequence
+
+from bids_cadiff import CODE_URL, __version__
+from bids_cadiff.config import RunConfig
+from bids_cadiff.errors import UsageError
+
+logger = logging.getLogger("bids_cadiff.cli")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+_LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def setup_logging(verbosity: int) -> None:
+    """Log to stderr: ``bids_cadiff`` at INFO (DEBUG with ``-v``), other libraries at WARNING.
+
+    The handler goes on the root logger (``-vv`` also shows PyBIDS' DEBUG messages); calling
+    this twice does not duplicate output.
+    """
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_bids_cadiff", False):
+            root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(_LOG_FORMAT, datefmt="%H:%M:%S"))
+    handler._bids_cadiff = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    if root.level == logging.NOTSET or root.level > logging.WARNING:
+        root.setLevel(logging.WARNING)
+    logging.getLogger("bids_cadiff").setLevel(logging.DEBUG if verbosity >= 1 else logging.INFO)
+    if verbosity >= 2:
+        logging.getLogger("bids").setLevel(logging.DEBUG)
+
+
+def set_threads(omp_nthreads: int) -> None:
+    """Limit torch's intra-op threads to ``omp_nthreads`` (torch is imported here, lazily).
+
+    ``OMP_NUM_THREADS`` / ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` are not changed here (this
+    function never mutates :data:`os.environ`); the participant pipeline passes thread counts
+    to ANTs explicitly from the configuration.
+    """
+    try:
+        import torch
+    except ImportError:  # group level works without torch
+        logger.debug("torch not importable; thread count not set")
+        return
+    torch.set_num_threads(omp_nthreads)
+    logger.debug("torch threads: %d", omp_nthreads)
+
+
+def _usage_error(message: str) -> int:
+    # The one place besides argparse that writes to stderr directly: a single line, no traceback.
+    sys.stderr.write(f"bids_cadiff: error: {' '.join(str(message).split())}\n")
+    return EXIT_USAGE
+
+
+def record_config(config: RunConfig) -> None:
+    """Write the run's configuration to ``OUTPUT_DIR/logs/config-<run id>.toml``."""
+    from bids_cadiff.bidsio.derivatives import config_path
+    from bids_cadiff.io.atomic import atomic_write
+
+    run_id = f"{datetime.now():%Y%m%d-%H%M%S}_{uuid.uuid4().hex[:8]}"
+    path = atomic_write(config_path(config.output_dir, run_id), config.to_toml())
+    logger.info("configuration recorded in %s", path)
+
+
+def run(config: RunConfig) -> int:
+    """Run one analysis level for a parsed configuration; returns the app's exit code."""
+    if config.analysis_level == "participant":
+        from bids_cadiff.bidsio.query import validate_dataset
+
+        if config.skip_bids_validation:
+            logger.info("BIDS validation skipped (--skip-bids-validation)")
+        else:
+            validate_dataset(config.bids_dir)
+        set_threads(config.omp_nthreads)
+        record_config(config)
+        from bids_cadiff.app.participant import run_participant
+
+        return int(run_participant(config))
+    if config.output_dir.is_dir():  # else run_group says to run the participant level first
+        record_config(config)
+    from bids_cadiff.app.group import run_group
+
+    return int(run_group(config))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line entry point.
+
+    Args:
+        argv: arguments without the program name (default: ``sys.argv[1:]``).
+
+    Returns:
+        The process exit code (see the module docstring). The console script passes it to
+        :func:`sys.exit`.
+    """
+    from bids_cadiff.cli.parser import parse_args
+
+    try:
+        config = parse_args(argv)
+    except SystemExit as exc:  # argparse: usage error (2) or --help/--version (0)
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    setup_logging(config.verbosity)
+    logger.info(
+        "bids_cadiff %s, %s level, %s -> %s",
+        __version__,
+        config.analysis_level,
+        config.bids_dir,
+        config.output_dir,
+    )
+    logger.debug("configuration:\n%s", config.to_toml())
+    try:
+        return run(config)
+    except UsageError as exc:
+        return _usage_error(str(exc))
+    except KeyboardInterrupt:
+        logger.warning("interrupted")
+        return EXIT_INTERRUPTED
+    except Exception:  # noqa: BLE001 - last resort: log with traceback, exit 1
+        logger.exception(
+            "bids_cadiff failed unexpectedly; please report this with the log at "
+            "%s/issues",
+            CODE_URL,
+        )
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""The derivatives dataset our writers produce passes bids-validator-deno (offline).
+
+The deno validator ships its schema and needs no network; ``--format json`` gives
+machine-readable issues.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+
+from bids_cadiff.bidsio import derivatives as d
+from bids_cadiff.labels import SYNTHSEG32
+
+
+def test_output_dataset_is_valid_bids(tmp_path, bids_skeleton, make_nifti, validator_exe):
+    raw = bids_skeleton({"01": {"1": [{}, {"acq": "fast", "rec": "norm", "run": "2"}]}, "02": [{}]})
+    out = tmp_path / "derivatives" / "cadiff"
+    d.init_derivatives(out, raw, SYNTHSEG32)
+    for t1w, ents in [
+        (raw / "sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz", {"subject": "01", "session": "1"}),
+        (raw / "sub-01/ses-1/anat/sub-01_ses-1_acq-fast_rec-norm_run-2_T1w.nii.gz",
+         {"subject": "01", "session": "1", "acquisition": "fast", "reconstruction": "norm",
+          "run": "2"}),
+        (raw / "sub-02/anat/sub-02_T1w.nii.gz", {"subject": "02"}),
+    ]:
+        src = make_nifti()
+        lab = np.zeros(src.shape, dtype=np.int16)
+        lab[1:4, 2:6, 3:8] = 17
+        lab[5:7] = 2
+        d.save_label_map(d.dseg_path(out, ents), lab, src.affine, src.header)
+        rel = t1w.relative_to(raw).as_posix()
+        d.write_dseg_sidecar(d.dseg_sidecar_path(out, ents), d.dseg_sidecar(
+            sources=[f"bids:raw:{rel}"], model_name="m", model_version="1", model_sha256="0" * 64,
+            steps=5, seed=0, device="cpu", run_time_s=1.0, registration={"MI": 0.3}))
+        d.write_volumes_tsv(d.volumes_path(out, ents), d.compute_volumes(lab, 1.8, SYNTHSEG32),
+                            ents)
+        fig = d.figure_path(out, ents)
+        fig.parent.mkdir(parents=True, exist_ok=True)
+        fig.write_bytes(b"\x89PNG\r\n\x1a\n")
+    d.write_group_volumes(out, [{"participant_id": "sub-01", "TotalBrain": 1.0}],
+                          ["participant_id", "TotalBrain"], SYNTHSEG32)
+    (out / "logs").mkdir()
+    (out / "logs" / "config-1.toml").write_text("a = 1\n")
+
+    proc = subprocess.run([str(validator_exe), str(out), "--format", "json", "--no-color"],
+                          capture_output=True, text=True, timeout=300)
+    report = json.loads(proc.stdout)
+    issues = report["issues"]["issues"]
+    errors = [(i["code"], i.get("location"), i.get("issueMessage")) for i in issues
+              if i["severity"] == "error"]
+    assert errors == [], errors
+    assert proc.returncode == 0, proc.stderr
+    warnings = {i["code"] for i in issues if i["severity"] == "warning"}
+    assert "NIFTI_UNIT" not in warnings

@@ -1,0 +1,129 @@
+"""find_t1w: selection by participant, session, filters; records and BIDS URIs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from bids_cadiff.bidsio.query import T1wRecord, find_t1w, validate_dataset
+from bids_cadiff.errors import UsageError
+
+SPEC = {
+    "01": [{}, {"run": "02"}],
+    "02": {"pre": [{}], "post": [{"acq": "fast", "rec": "norm"}, {"acq": "fast", "run": "1"}]},
+}
+
+
+@pytest.fixture
+def dataset(bids_skeleton) -> Path:
+    return bids_skeleton(SPEC)
+
+
+def _snapshot(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def test_finds_every_t1w_sorted_with_entities(dataset):
+    before = _snapshot(dataset)
+    records = find_t1w(dataset)
+    assert [r.path.name for r in records] == sorted(r.path.name for r in records)
+    assert len(records) == 5
+    by_name = {r.path.name: r for r in records}
+    assert by_name["sub-01_run-02_T1w.nii.gz"].entities == {"subject": "01", "run": "02"}
+    assert by_name["sub-02_ses-post_acq-fast_rec-norm_T1w.nii.gz"].entities == {
+        "subject": "02", "session": "post", "acquisition": "fast", "reconstruction": "norm"}
+    assert all(r.path.is_absolute() for r in records)
+    assert _snapshot(dataset) == before  # PyBIDS wrote nothing into the dataset
+
+
+def test_bids_uri():
+    rec = T1wRecord(Path("/x/ds/sub-02/ses-pre/anat/sub-02_ses-pre_T1w.nii.gz"),
+                    {"subject": "02", "session": "pre"})
+    assert rec.bids_uri == "bids:raw:sub-02/ses-pre/anat/sub-02_ses-pre_T1w.nii.gz"
+    assert rec.subject == "02" and rec.session == "pre"
+
+
+def test_participant_and_session_labels_with_prefixes(dataset):
+    records = find_t1w(dataset, participant_labels=["sub-02"], session_labels=["ses-post"])
+    assert {r.entities["session"] for r in records} == {"post"}
+    assert len(records) == 2
+    assert len(find_t1w(dataset, participant_labels=["01"])) == 2
+
+
+def test_unknown_participant_lists_available(dataset):
+    with pytest.raises(UsageError, match=r"99.*available: 01, 02"):
+        find_t1w(dataset, participant_labels=["99"])
+
+
+def test_unknown_session_lists_available(dataset):
+    with pytest.raises(UsageError, match=r"session.*x.*available: post, pre"):
+        find_t1w(dataset, session_labels=["x"])
+
+
+def test_filters(dataset):
+    recs = find_t1w(dataset, bids_filters={"t1w": {"acquisition": "fast"}})
+    assert {r.entities["acquisition"] for r in recs} == {"fast"} and len(recs) == 2
+    recs = find_t1w(dataset, bids_filters={"t1w": {"acquisition": None}})
+    assert all("acquisition" not in r.entities for r in recs) and len(recs) == 3
+    recs = find_t1w(dataset, bids_filters={"t1w": {"run": "*"}})
+    assert {r.path.name for r in recs} == {"sub-01_run-02_T1w.nii.gz",
+                                         "sub-02_ses-post_acq-fast_run-1_T1w.nii.gz"}
+
+
+@pytest.mark.parametrize("filters, match", [
+    ({"bold": {}}, "unknown queries"),
+    ({"t1w": {"nonsense": "x"}}, "unknown BIDS entities"),
+    ({"t1w": {"subject": "01"}}, "participant-label"),
+])
+def test_bad_filters(dataset, filters, match):
+    with pytest.raises(UsageError, match=match):
+        find_t1w(dataset, bids_filters=filters)
+
+
+def test_filters_matching_nothing(dataset):
+    with pytest.raises(UsageError, match="no T1w"):
+        find_t1w(dataset, bids_filters={"t1w": {"acquisition": "nope"}})
+
+
+def test_no_t1w_at_all(bids_skeleton, tmp_path):
+    ds = bids_skeleton({"01": []})
+    (ds / "sub-01" / "anat").mkdir(parents=True)
+    (ds / "sub-01" / "anat" / "sub-01_T2w.nii.gz").write_bytes(b"")
+    with pytest.raises(UsageError, match="no T1w"):
+        find_t1w(ds)
+
+
+def test_not_a_dataset(tmp_path):
+    with pytest.raises(UsageError, match="dataset_description.json"):
+        find_t1w(tmp_path)
+
+
+def test_derivatives_and_output_dirs_ignored(dataset, make_nifti):
+    make_nifti(dataset / "derivatives" / "fmriprep" / "sub-01" / "anat" / "sub-01_T1w.nii.gz")
+    out = dataset / "derivatives" / "cadiff"
+    make_nifti(out / "sub-01" / "anat" / "sub-01_run-9_T1w.nii.gz")
+    work = dataset / "work"
+    make_nifti(work / "sub-01" / "anat" / "sub-01_run-8_T1w.nii.gz")
+    make_nifti(dataset / "sourcedata" / "sub-01" / "anat" / "sub-01_run-7_T1w.nii.gz")
+    records = find_t1w(dataset, ignore_dirs=[out, work])
+    assert len(records) == 5
+    assert all("derivatives" not in r.path.parts and "work" not in r.path.parts for r in records)
+
+
+def test_validate_dataset_passes(dataset, validator_exe):
+    validate_dataset(dataset)
+
+
+def test_validate_dataset_reports_errors(dataset, validator_exe):
+    (dataset / "sub-01" / "anat" / "sub-01_foo.nii.gz").write_bytes(b"")
+    with pytest.raises(UsageError, match=r"not valid BIDS.*--skip-bids-validation") as info:
+        validate_dataset(dataset)
+    assert str(dataset) in str(info.value)
+
+
+def test_validate_without_validator(dataset, monkeypatch, caplog):
+    monkeypatch.setattr("bids_cadiff.bidsio.query.find_validator", lambda: None)
+    validate_dataset(dataset)
+    assert "not found" in caplog.text

@@ -1,0 +1,159 @@
+"""Tests for bids_cadiff.registration.ants: fast ones on a 4 mm phantom, slow ones on real heads."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from bids_cadiff.errors import RegistrationError
+from bids_cadiff.imaging.preprocess import to_ras
+from bids_cadiff.imaging.distance_field import scaling_radii
+from bids_cadiff.registration import ants as ants_mod
+from bids_cadiff.registration.ants import (
+    register_atlas,
+    warp_distance_field,
+    warp_labels,
+)
+from bids_cadiff.registration.atlas import AtlasSpec, atlas_distance_field, load_atlas, resolve_atlas
+from tests.registration.conftest import SHARED_DATA, make_phantom
+
+logger = logging.getLogger(__name__)
+
+SHIFT = (6.0, -8.0, 5.0)
+
+
+def _subject(skull: bool = True, **kwargs: float) -> nib.Nifti1Image:
+    data, _, affine = make_phantom(skull=skull, shift_mm=SHIFT, **kwargs)
+    return nib.Nifti1Image(data, affine)
+
+
+def _field_at_world(field: np.ndarray, img: nib.Nifti1Image, world: tuple[float, ...]) -> np.ndarray:
+    ijk = np.rint(nib.affines.apply_affine(np.linalg.inv(img.affine), world)).astype(int)
+    return field[:, ijk[0], ijk[1], ijk[2]]
+
+
+def test_register_phantom_and_warp_field(phantom_atlas: AtlasSpec, tmp_path: Path) -> None:
+    fixed = _subject(scale=1.05, intensity_scale=7.0)
+    reg = register_atlas(fixed, phantom_atlas, cache_dir=tmp_path)
+    assert not reg.cached and not reg.brain_only
+    assert reg.quality > 0.8, reg
+    assert all(p.is_file() for p in reg.forward_transforms)
+    atlas_img, field = atlas_distance_field(phantom_atlas)
+    warped = warp_distance_field(field, atlas_img, reg, fixed)
+    assert warped.shape == (3, *fixed.shape) and warped.dtype == np.float32
+    # the atlas AC (world 0) moved by SHIFT
+    np.testing.assert_allclose(_field_at_world(warped, fixed, SHIFT), 0.5, atol=0.04)
+    left = _field_at_world(warped, fixed, (SHIFT[0] - 30, SHIFT[1], SHIFT[2]))
+    right = _field_at_world(warped, fixed, (SHIFT[0] + 30, SHIFT[1], SHIFT[2]))
+    assert left[0] < 0.4 < 0.6 < right[0]
+    assert np.all(warped[:, 0, 0, 0] == 0.0)  # far outside the brain
+
+    labels = np.zeros(atlas_img.shape, np.int16)
+    labels[load_atlas(phantom_atlas).brain_mask] = 17
+    labels[: atlas_img.shape[0] // 2][load_atlas(phantom_atlas).brain_mask[: atlas_img.shape[0] // 2]] = 53
+    warped_labels = warp_labels(labels, atlas_img, reg, fixed)
+    assert warped_labels.dtype == np.int16 and set(np.unique(warped_labels)) == {0, 17, 53}
+
+
+def test_cache_is_reused(phantom_atlas: AtlasSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fixed = _subject()
+    first = register_atlas(fixed, phantom_atlas, cache_dir=tmp_path, type_of_transform="Affine")
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise AssertionError("ANTs should not run again")
+
+    monkeypatch.setattr(ants_mod, "_run_ants", boom)
+    again = register_atlas(fixed, phantom_atlas, cache_dir=tmp_path, type_of_transform="Affine")
+    assert again.cached and again.forward_transforms == first.forward_transforms
+    assert again.quality == pytest.approx(first.quality)
+    # only finished entries in the cache folder, no temp dirs
+    assert [p.name for p in tmp_path.iterdir()] == [first.forward_transforms[0].parent.name]
+    # other parameters: another key (and here, ANTs would have to run)
+    with pytest.raises(RegistrationError, match="should not run"):
+        register_atlas(fixed, phantom_atlas, cache_dir=tmp_path, resolution_mm=3.0,
+                       type_of_transform="Affine")
+    # the failed run left nothing behind
+    assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_noise_raises_registration_error(phantom_atlas: AtlasSpec, tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    _, _, affine = make_phantom()
+    noise = nib.Nifti1Image(rng.uniform(0, 100, _subject().shape).astype(np.float32), affine)
+    with pytest.raises(RegistrationError, match="noise.nii.gz.*did not register"):
+        register_atlas(noise, phantom_atlas, cache_dir=tmp_path, type_of_transform="Affine",
+                       image_path="noise.nii.gz")
+    assert list(tmp_path.iterdir()) == []  # failures are not cached
+
+
+def test_empty_image_raises(phantom_atlas: AtlasSpec) -> None:
+    empty = nib.Nifti1Image(np.zeros((10, 11, 12), np.float32), np.eye(4))
+    with pytest.raises(RegistrationError, match="no positive voxels"):
+        register_atlas(empty, phantom_atlas, cache_dir=None, image_path="empty.nii.gz")
+
+
+def test_skull_stripped_subject_uses_brain_atlas(phantom_atlas: AtlasSpec) -> None:
+    fixed = _subject(skull=False)
+    reg = register_atlas(fixed, phantom_atlas, cache_dir=None, type_of_transform="Affine")
+    assert reg.brain_only and reg.quality > 0.8
+    atlas_img, field = atlas_distance_field(phantom_atlas)
+    warped = warp_distance_field(field, atlas_img, reg, fixed)
+    np.testing.assert_allclose(_field_at_world(warped, fixed, SHIFT), 0.5, atol=0.04)
+
+
+# ----------------------------------------------------------------------------- real data
+
+def _real(path: Path) -> nib.Nifti1Image:
+    if not path.is_file():
+        pytest.skip(f"real test data missing: {path} (see shared/data/README.md)")
+    return to_ras(nib.load(path))
+
+
+@pytest.mark.slow
+def test_skull_on_and_off_give_same_field(tmp_path: Path) -> None:
+    """sub-01 T1.mgz (skull) vs brainmask.mgz (skull-stripped) of the same head."""
+    folder = SHARED_DATA / "fstd" / "sub-01"
+    with_skull, stripped = _real(folder / "T1.mgz"), _real(folder / "brainmask.mgz")
+    spec = resolve_atlas(None)
+    atlas_img, field = atlas_distance_field(spec)
+    reg_a = register_atlas(with_skull, spec, cache_dir=tmp_path)
+    reg_b = register_atlas(stripped, spec, cache_dir=tmp_path)
+    assert not reg_a.brain_only and reg_b.brain_only
+    field_a = warp_distance_field(field, atlas_img, reg_a, with_skull)
+    field_b = warp_distance_field(field, atlas_img, reg_b, stripped)
+    brain = np.asanyarray(stripped.dataobj) > 0
+    radii = scaling_radii(load_atlas(spec).brain_mask, atlas_img.affine, spec.origin_world)
+    diff_mm = np.abs(field_a - field_b)[:, brain] * (2 * radii[:, None])
+    mean_mm = float(diff_mm.mean())
+    logger.info("skull on/off: mean |field difference| inside the brain %.2f mm (x, y, z: %s)",
+                mean_mm, diff_mm.mean(axis=1).round(2))
+    assert mean_mm < 2.0
+
+
+@pytest.mark.slow
+def test_chris_t1_field_looks_right(tmp_path: Path) -> None:
+    fixed = _real(SHARED_DATA / "raw_t1" / "chris_t1.nii.gz")
+    spec = resolve_atlas(None)
+    atlas_img, field = atlas_distance_field(spec)
+    reg = register_atlas(fixed, spec, cache_dir=tmp_path)
+    assert reg.quality > 0.4
+    warped = warp_distance_field(field, atlas_img, reg, fixed)
+    inside = warped[0] > 0
+    brain_ml = inside.sum() * abs(np.linalg.det(fixed.affine[:3, :3])) / 1000
+    assert 1100 < brain_ml < 2300
+    # the voxel nearest to (0.5, 0.5, 0.5) is deep in the middle of the brain
+    dist = np.where(inside, ((warped - 0.5) ** 2).sum(axis=0), np.inf)
+    ac = np.unravel_index(np.argmin(dist), dist.shape)
+    assert dist[ac] < 1e-3
+    centre = np.argwhere(inside).mean(axis=0)
+    assert np.linalg.norm((np.asarray(ac) - centre) * fixed.header.get_zooms()[:3]) < 25
+    # RAS image: x field grows left to right, y posterior to anterior, z inferior to superior
+    for axis in range(3):
+        lo, hi = list(ac), list(ac)
+        lo[axis] -= 20
+        hi[axis] += 20
+        assert warped[(axis, *lo)] < 0.5 < warped[(axis, *hi)]
