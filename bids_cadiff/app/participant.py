@@ -1,0 +1,325 @@
+"""Participant level: every selected T1w → a CA-Diff label map on its own grid, with provenance.
+
+Per image: load and check → RAS → resample to the model's voxel size → N4 → intensity
+normalisation (as the checkpoint says) → register the atlas and warp its distance field →
+sliding-window CA-Diff sampling inside the brain's bounding box → probabilities resampled onto
+the T1w's own grid → label map, volumes, overlay picture and, last, the JSON sidecar. The sidecar
+is the "finished" mark: a rerun skips images that have it (``--overwrite`` recomputes), and every
+file is written atomically, so a killed run never leaves a finished-looking output.
+
+One image failing is logged with its path and reason; the others go on, and the exit code is 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from bids_cadiff import __version__
+from bids_cadiff.bidsio import derivatives as deriv
+from bids_cadiff.bidsio.query import T1wRecord, find_t1w
+from bids_cadiff.config import RunConfig
+from bids_cadiff.errors import CadiffError, CheckpointError, InputError, UsageError
+from bids_cadiff.imaging.preprocess import (
+    n4_bias_correct,
+    normalise_intensity,
+    resample_to_spacing,
+    to_ras,
+)
+from bids_cadiff.inference.checkpoint import LoadedModel, load_checkpoint
+from bids_cadiff.inference.predict import (
+    SlidingWindowSettings,
+    predict_probabilities,
+    resolve_device,
+)
+from bids_cadiff.inference.resample import probabilities_to_grid
+from bids_cadiff.io.nifti import load_t1w
+from bids_cadiff.registration.ants import Registration, register_atlas, warp_distance_field
+from bids_cadiff.registration.atlas import AtlasSpec, atlas_distance_field, resolve_atlas
+
+log = logging.getLogger(__name__)
+
+#: The bundled default model (package data).
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "data" / "cadiff-default.pt"
+#: Voxels of context kept around the brain's bounding box for inference.
+CROP_MARGIN = 6
+
+
+@dataclass
+class PreparedImage:
+    """A T1w ready for the model, on the model's grid (RAS, the checkpoint's voxel size).
+
+    Attributes:
+        image: ``(X, Y, Z)`` float32 normalised intensities.
+        distance: ``(3, X, Y, Z)`` float32 atlas distance field in [0, 1], 0 outside the brain.
+        affine: ``(4, 4)`` voxel-to-world matrix of the model grid.
+        registration: the atlas registration (quality figure, transforms).
+        timings: seconds per stage.
+    """
+
+    image: np.ndarray
+    distance: np.ndarray
+    affine: np.ndarray
+    registration: Registration
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def load_model(path: Path | None) -> LoadedModel:
+    """The model from ``--model``, else the bundled default."""
+    if path is None:
+        if not DEFAULT_MODEL.is_file():
+            raise UsageError(
+                f"no default model is bundled with this installation ({DEFAULT_MODEL} is "
+                "missing); pass --model PATH with a checkpoint made by cadiff-train"
+            )
+        path = DEFAULT_MODEL
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def prepare_image(
+    t1: nib.Nifti1Image,
+    *,
+    atlas: AtlasSpec,
+    voxel_size: Sequence[float],
+    normalization: Mapping[str, float | str],
+    cache_dir: Path | None,
+    image_path: Path | None = None,
+) -> PreparedImage:
+    """Preprocess one T1w and bring the atlas distance field onto it (shared with training).
+
+    Args:
+        t1: the checked T1w (:func:`~bids_cadiff.io.nifti.load_t1w`).
+        atlas: the atlas whose distance field the model was trained with.
+        voxel_size: the model's voxel size (mm).
+        normalization: ``{"method": "percentile", "lower": 0.5, "upper": 99.5}``.
+        cache_dir: registration cache (content-keyed), or ``None``.
+        image_path: for messages.
+    """
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    grid = resample_to_spacing(to_ras(t1), tuple(float(v) for v in voxel_size), order=1)
+    timings["resample"] = time.perf_counter() - start
+    start = time.perf_counter()
+    grid = n4_bias_correct(grid)
+    timings["n4"] = time.perf_counter() - start
+    data = np.asanyarray(grid.dataobj).astype(np.float32)
+    if normalization.get("method", "percentile") != "percentile":
+        raise UsageError(f"unknown intensity normalisation {normalization!r} in the model")
+    image = normalise_intensity(
+        data,
+        lower_percentile=float(normalization.get("lower", 0.5)),
+        upper_percentile=float(normalization.get("upper", 99.5)),
+    )
+    start = time.perf_counter()
+    registration = register_atlas(grid, atlas, cache_dir=cache_dir, image_path=image_path)
+    timings["registration"] = time.perf_counter() - start
+    start = time.perf_counter()
+    atlas_img, atlas_field = atlas_distance_field(atlas)
+    distance = warp_distance_field(atlas_field, atlas_img, registration, grid)
+    timings["field_warp"] = time.perf_counter() - start
+    return PreparedImage(image, distance, grid.affine, registration, timings)
+
+
+def brain_box(distance: np.ndarray, margin: int = CROP_MARGIN) -> tuple[slice, ...]:
+    """Bounding box (with margin) of the voxels the distance field covers.
+
+    Args:
+        distance: ``(3, X, Y, Z)``.
+
+    Returns:
+        three slices; the whole volume when the field is empty.
+    """
+    covered = np.argwhere(distance.any(axis=0))
+    if len(covered) == 0:
+        return tuple(slice(0, n) for n in distance.shape[1:])
+    lo = np.maximum(covered.min(0) - margin, 0)
+    hi = np.minimum(covered.max(0) + margin + 1, distance.shape[1:])
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+def segment_prepared(
+    loaded: LoadedModel,
+    prepared: PreparedImage,
+    *,
+    steps: int,
+    seed: int,
+    device: torch.device,
+    progress: bool = False,
+) -> tuple[torch.Tensor, np.ndarray]:
+    """CA-Diff class probabilities inside the brain box of a prepared image.
+
+    Returns:
+        ``(probs, affine)``: ``(C, X, Y, Z)`` probabilities of the cropped box and its affine.
+    """
+    box = brain_box(prepared.distance)
+    image = torch.from_numpy(np.ascontiguousarray(prepared.image[box]))[None, None]
+    distance = torch.from_numpy(np.ascontiguousarray(prepared.distance[(slice(None), *box)]))[None]
+    window = SlidingWindowSettings(roi_size=loaded.metadata.patch_size, overlap=0.25)
+    probs = predict_probabilities(
+        loaded.model, image, distance, window=window, steps=steps, seed=seed, device=device,
+        progress=progress,
+    )[0]
+    offset = np.eye(4)
+    offset[:3, 3] = [s.start for s in box]
+    return probs, prepared.affine @ offset
+
+
+def segment_t1w(
+    t1: nib.Nifti1Image,
+    loaded: LoadedModel,
+    *,
+    atlas: AtlasSpec,
+    steps: int,
+    seed: int,
+    device: torch.device,
+    cache_dir: Path | None,
+    image_path: Path | None = None,
+    progress: bool = False,
+) -> tuple[np.ndarray, PreparedImage, dict[str, float]]:
+    """Segment one T1w: label values ``(X, Y, Z)`` int on the T1w's own grid.
+
+    Returns:
+        ``(label_values, prepared, timings)``.
+    """
+    meta = loaded.metadata
+    prepared = prepare_image(
+        t1, atlas=atlas, voxel_size=meta.voxel_size, normalization=meta.normalization,
+        cache_dir=cache_dir, image_path=image_path,
+    )
+    timings = dict(prepared.timings)
+    start = time.perf_counter()
+    probs, crop_affine = segment_prepared(
+        loaded, prepared, steps=steps, seed=seed, device=device, progress=progress
+    )
+    timings["inference"] = time.perf_counter() - start
+    start = time.perf_counter()
+    indices = probabilities_to_grid(probs, crop_affine, t1.shape[:3], t1.affine)
+    timings["to_native_grid"] = time.perf_counter() - start
+    return meta.labels.index_to_value(indices), prepared, timings
+
+
+def _is_finished(output_dir: Path, entities: Mapping[str, str]) -> bool:
+    return (
+        deriv.dseg_sidecar_path(output_dir, entities).is_file()
+        and deriv.dseg_path(output_dir, entities).is_file()
+    )
+
+
+def process_record(
+    record: T1wRecord,
+    *,
+    config: RunConfig,
+    loaded: LoadedModel,
+    atlas: AtlasSpec,
+    device: torch.device,
+) -> dict[str, float]:
+    """Segment one T1w and write all its outputs (sidecar last). Returns the timings."""
+    start = time.perf_counter()
+    entities = record.entities
+    out = config.output_dir
+    t1 = load_t1w(record.path)
+    labels, prepared, timings = segment_t1w(
+        t1, loaded, atlas=atlas, steps=config.steps, seed=config.seed, device=device,
+        cache_dir=config.work_dir / "registration", image_path=record.path,
+        progress=log.isEnabledFor(logging.INFO),
+    )
+    write_start = time.perf_counter()
+    table = loaded.metadata.labels
+    deriv.save_label_map(deriv.dseg_path(out, entities), labels, t1.affine, t1.header)
+    voxel_mm3 = float(np.prod(t1.header.get_zooms()[:3]))
+    deriv.write_volumes_tsv(
+        deriv.volumes_path(out, entities), deriv.compute_volumes(labels, voxel_mm3, table), entities
+    )
+    try:
+        from bids_cadiff.reports.overlay import overlay_png
+
+        overlay_png(t1, labels, table, deriv.figure_path(out, entities), title=record.path.name)
+    except ImportError:  # matplotlib is optional at run time
+        log.warning("matplotlib is not installed: no overlay picture for %s", record.path.name)
+    timings["writing"] = time.perf_counter() - write_start
+    reg = prepared.registration
+    sidecar = deriv.dseg_sidecar(
+        sources=[record.bids_uri],
+        model_name=loaded.metadata.name,
+        model_version=loaded.metadata.package_version,
+        model_sha256=loaded.metadata.sha256,
+        steps=config.steps,
+        seed=config.seed,
+        device=str(device),
+        run_time_s=time.perf_counter() - start,
+        atlas=atlas.description,
+        registration={
+            "Metric": reg.quality_metric,
+            "Value": round(reg.quality, 4),
+            "ForegroundDice": round(reg.mask_dice, 4),
+            "BrainOnlyAtlas": reg.brain_only,
+            "ResolutionMM": reg.params.resolution_mm,
+            "Transform": reg.params.type_of_transform,
+        },
+        extra={
+            "ModelVoxelSizeMM": list(loaded.metadata.voxel_size),
+            "StageSeconds": {k: round(v, 2) for k, v in timings.items()},
+            "GeneratedBy": {"Name": "bids_cadiff", "Version": __version__},
+        },
+    )
+    deriv.write_dseg_sidecar(deriv.dseg_sidecar_path(out, entities), sidecar)
+    return timings
+
+
+def run_participant(config: RunConfig) -> int:
+    """Segment every selected T1w. Returns 0, or 1 when any image failed."""
+    records = find_t1w(
+        config.bids_dir,
+        participant_labels=config.participant_labels,
+        session_labels=config.session_labels,
+        bids_filters=config.bids_filters,
+        ignore_dirs=[config.output_dir, config.work_dir],
+    )
+    loaded = load_model(config.model)
+    atlas = resolve_atlas(config.atlas)
+    try:
+        device = resolve_device(config.device)
+    except RuntimeError as exc:
+        raise UsageError(str(exc)) from exc
+    log.info(
+        "%d T1w image(s); model %s (%s…), atlas %s, device %s",
+        len(records), loaded.metadata.name, loaded.metadata.sha256[:12], atlas.name, device,
+    )
+    deriv.init_derivatives(config.output_dir, config.bids_dir, loaded.metadata.labels)
+    failures: list[tuple[Path, str]] = []
+    for record in tqdm(records, desc="T1w images", unit="image", disable=len(records) < 2):
+        if not config.overwrite and _is_finished(config.output_dir, record.entities):
+            log.info("%s: already done, skipped (--overwrite recomputes)", record.relpath)
+            continue
+        log.info("%s: segmenting", record.relpath)
+        try:
+            timings = process_record(
+                record, config=config, loaded=loaded, atlas=atlas, device=device
+            )
+            log.info(
+                "%s: done (%s)", record.relpath,
+                ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()),
+            )
+        except (InputError, CadiffError) as exc:
+            log.error("FAILED %s", exc)
+            failures.append((record.path, str(exc)))
+        except Exception as exc:  # noqa: BLE001 - one image must not lose the others
+            log.exception("FAILED %s: unexpected error", record.path)
+            failures.append((record.path, f"{type(exc).__name__}: {exc}"))
+    if failures:
+        log.error("%d of %d image(s) failed:", len(failures), len(records))
+        for path, reason in failures:
+            log.error("  %s: %s", path, reason)
+        return 1
+    return 0

@@ -1,0 +1,360 @@
+"""Training images on the model grid: preprocessed T1w, registered distance field, labels; cached.
+
+Each labelled image is prepared once and kept in ``WORK_DIR/prepared/<key>.npz``, ``key`` being a
+sha256 over the T1w file's bytes, the label map file's bytes, the voxel size, the intensity
+normalisation, the atlas (its files' sha256) and the registration mode. The file is written
+atomically (temporary file, then rename), so concurrent or interrupted runs never leave a
+half-written cache entry; a changed input, setting or atlas gives a new key.
+
+The image and distance field are those the participant pipeline computes at inference
+(:func:`bids_cadiff.app.participant.prepare_image`: RAS → resample to the voxel size → N4 →
+percentile normalisation → atlas registration → warped distance field). The app passes that
+function in as ``prepare_fn`` so that training and inference share one code path;
+:func:`default_prepare` does the same steps for callers without the app.
+
+The label map is read with its own affine, reoriented to RAS, resampled onto the model grid with
+nearest neighbour (label values are copied, never blended) and stored as *values*; the mapping to
+model channels (:meth:`~bids_cadiff.labels.LabelTable.value_to_index` with a merge) is applied when
+the training set is built (:func:`labels_to_index`), so one cache serves every label table.
+
+``registration="none"`` skips ANTs: the atlas field is resampled onto the image grid by world
+coordinates (an identity mapping). Fast, and only meaningful for images already in the atlas'
+space, or for tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from bids_cadiff.errors import InputError
+from bids_cadiff.imaging.preprocess import (
+    n4_bias_correct,
+    normalise_intensity,
+    resample_to_reference,
+    resample_to_spacing,
+    to_ras,
+)
+from bids_cadiff.io.atomic import atomic_path
+from bids_cadiff.labels import LabelTable
+from bids_cadiff.registration.atlas import AtlasSpec, atlas_distance_field, file_sha256
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "REGISTRATION_MODES",
+    "PrepareSettings",
+    "PreparedTrainingImage",
+    "default_prepare",
+    "file_digest",
+    "labels_to_index",
+    "prepare_training_image",
+    "split_by_hemisphere",
+]
+
+#: Bumped whenever preparation changes in a way that invalidates cached arrays.
+CACHE_VERSION = "1"
+#: ``syn``: affine + SyN (the app's default); ``affine``: affine only; ``none``: identity.
+REGISTRATION_MODES: tuple[str, ...] = ("syn", "affine", "none")
+
+#: ``prepare_fn(t1, *, atlas, voxel_size, normalization, cache_dir, image_path)`` returning an
+#: object with ``image (X, Y, Z)``, ``distance (3, X, Y, Z)`` and ``affine (4, 4)`` attributes.
+PrepareFn = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    """What the prepared arrays depend on (all of it goes into the cache key).
+
+    Attributes:
+        atlas: the atlas of the distance field.
+        voxel_size: model grid voxel size in mm (3 values).
+        normalization: ``{"method": "percentile", "lower": 0.5, "upper": 99.5}``.
+        registration: one of :data:`REGISTRATION_MODES`.
+    """
+
+    atlas: AtlasSpec
+    voxel_size: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    normalization: Mapping[str, Any] = field(
+        default_factory=lambda: {"method": "percentile", "lower": 0.5, "upper": 99.5}
+    )
+    registration: str = "syn"
+
+    def __post_init__(self) -> None:
+        if self.registration not in REGISTRATION_MODES:
+            raise ValueError(
+                f"registration must be one of {REGISTRATION_MODES}, got {self.registration!r}"
+            )
+        if len(self.voxel_size) != 3 or any(v <= 0 for v in self.voxel_size):
+            raise ValueError(f"voxel_size needs 3 positive values (mm), got {self.voxel_size}")
+
+
+@dataclass
+class PreparedTrainingImage:
+    """One labelled image on the model grid.
+
+    Attributes:
+        image: ``(X, Y, Z)`` float32 normalised intensities in [0, 1].
+        distance: ``(3, X, Y, Z)`` float32 distance field in [0, 1], 0 outside the brain.
+        label_values: ``(X, Y, Z)`` int32 label *values* of the label map (not yet channels);
+            ``None`` when prepared without a label map.
+        affine: ``(4, 4)`` voxel-to-world matrix (RAS) of the model grid.
+        key: the cache key.
+        t1w_path: the source T1w.
+        label_path: the source label map (or ``None``).
+    """
+
+    image: np.ndarray
+    distance: np.ndarray
+    label_values: np.ndarray | None
+    affine: np.ndarray
+    key: str
+    t1w_path: Path
+    label_path: Path | None = None
+
+
+def file_digest(path: Path) -> str:
+    """sha256 hex digest of a file's bytes (not cached: training inputs may change)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atlas_digest(atlas: AtlasSpec) -> dict[str, str]:
+    out = {"name": atlas.name, "t1": file_sha256(Path(atlas.t1_path)), "mask": atlas.brain_mask_source}
+    if atlas.brain_mask_path is not None:
+        out["mask_file"] = file_sha256(Path(atlas.brain_mask_path))
+    return out
+
+
+def cache_key(t1w_path: Path, label_path: Path | None, settings: PrepareSettings) -> str:
+    """The content hash naming a prepared image in the cache."""
+    payload = {
+        "version": CACHE_VERSION,
+        "t1w": file_digest(t1w_path),
+        "labels": file_digest(label_path) if label_path is not None else None,
+        "voxel_size": [round(float(v), 6) for v in settings.voxel_size],
+        "normalization": dict(settings.normalization),
+        "atlas": _atlas_digest(settings.atlas),
+        "registration": settings.registration,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _load_image(path: Path) -> nib.Nifti1Image:
+    from bids_cadiff.io.nifti import load_t1w
+
+    return load_t1w(path)
+
+
+def _preprocess(t1: nib.Nifti1Image, settings: PrepareSettings) -> nib.Nifti1Image:
+    """RAS → resample → N4, the participant pipeline's order; returns the model-grid image."""
+    grid = resample_to_spacing(to_ras(t1), tuple(float(v) for v in settings.voxel_size), order=1)
+    return n4_bias_correct(grid)
+
+
+def _normalise(grid: nib.Nifti1Image, normalization: Mapping[str, Any]) -> np.ndarray:
+    if normalization.get("method", "percentile") != "percentile":
+        raise ValueError(f"unknown intensity normalisation {dict(normalization)!r}")
+    return normalise_intensity(
+        np.asanyarray(grid.dataobj).astype(np.float32),
+        lower_percentile=float(normalization.get("lower", 0.5)),
+        upper_percentile=float(normalization.get("upper", 99.5)),
+    )
+
+
+def identity_distance_field(atlas: AtlasSpec, grid: nib.Nifti1Image) -> np.ndarray:
+    """The atlas field resampled onto ``grid`` by world coordinates (no registration).
+
+    Returns:
+        float32 ``(3, X, Y, Z)`` in [0, 1].
+    """
+    atlas_img, atlas_field = atlas_distance_field(atlas)
+    out = resample_to_reference(
+        np.asarray(atlas_field), atlas_img.affine, grid.shape[:3], grid.affine, order=1
+    )
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def default_prepare(
+    t1: nib.Nifti1Image,
+    *,
+    atlas: AtlasSpec,
+    voxel_size: Sequence[float],
+    normalization: Mapping[str, Any],
+    cache_dir: Path | None,
+    image_path: Path | None = None,
+    registration: str = "syn",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Preprocess a T1w and bring the atlas field onto its model grid.
+
+    Returns:
+        ``(image (X, Y, Z) float32, distance (3, X, Y, Z) float32, affine (4, 4))``.
+    """
+    from bids_cadiff.registration.ants import register_atlas, warp_distance_field
+
+    settings = PrepareSettings(
+        atlas=atlas, voxel_size=tuple(float(v) for v in voxel_size),  # type: ignore[arg-type]
+        normalization=normalization, registration=registration,
+    )
+    grid = _preprocess(t1, settings)
+    image = _normalise(grid, normalization)
+    if registration == "none":
+        return image, identity_distance_field(atlas, grid), np.asarray(grid.affine)
+    reg = register_atlas(
+        grid, atlas, cache_dir=cache_dir, image_path=image_path,
+        type_of_transform="SyN" if registration == "syn" else "Affine",
+    )
+    atlas_img, atlas_field = atlas_distance_field(atlas)
+    distance = warp_distance_field(np.asarray(atlas_field), atlas_img, reg, grid)
+    return image, distance, np.asarray(grid.affine)
+
+
+def _labels_on_grid(label_path: Path, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+    try:
+        img = nib.load(str(label_path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for bad files
+        raise InputError(label_path, f"cannot be read as a NIfTI label map ({exc})") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InputError(label_path, f"a label map must be 3D, got shape {data.shape}")
+    if not np.issubdtype(data.dtype, np.integer):
+        rounded = np.rint(data)
+        if not np.allclose(rounded, data):
+            raise InputError(label_path, "holds non-integer values; is it a *_dseg label map?")
+        data = rounded
+    values = np.asarray(data, dtype=np.int32)
+    return resample_to_reference(values, img.affine, tuple(shape[:3]), affine, order=0)
+
+
+def _save_npz(path: Path, prepared: PreparedTrainingImage) -> None:
+    arrays: dict[str, np.ndarray] = {
+        "image": prepared.image, "distance": prepared.distance, "affine": prepared.affine,
+    }
+    if prepared.label_values is not None:
+        arrays["label_values"] = prepared.label_values
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+
+def _load_npz(path: Path, key: str, t1w_path: Path, label_path: Path | None) -> PreparedTrainingImage | None:
+    try:
+        with np.load(path) as data:
+            labels = data["label_values"] if "label_values" in data.files else None
+            return PreparedTrainingImage(
+                image=data["image"], distance=data["distance"], label_values=labels,
+                affine=data["affine"], key=key, t1w_path=t1w_path, label_path=label_path,
+            )
+    except (OSError, ValueError, KeyError) as exc:
+        logger.warning("ignoring unreadable cache entry %s (%s); recomputing", path, exc)
+        return None
+
+
+def prepare_training_image(
+    t1w_path: str | Path,
+    label_path: str | Path | None,
+    *,
+    settings: PrepareSettings,
+    work_dir: str | Path,
+    prepare_fn: PrepareFn | None = None,
+) -> PreparedTrainingImage:
+    """Prepare (or read from the cache) one T1w and its label map on the model grid.
+
+    Args:
+        t1w_path: the raw T1w.
+        label_path: its label map (``*_dseg.nii[.gz]``), any grid; ``None``: image only.
+        settings: voxel size, normalisation, atlas and registration mode.
+        work_dir: cache root; arrays go to ``work_dir/prepared``, ANTs transforms to
+            ``work_dir/registration``.
+        prepare_fn: the app's ``prepare_image`` (see the module docstring); used unless
+            ``settings.registration`` is ``"none"``. Default: :func:`default_prepare`.
+
+    Returns:
+        the prepared arrays.
+
+    Raises:
+        InputError: an unreadable image or label map, or a failed registration.
+    """
+    t1w_path, work_dir = Path(t1w_path), Path(work_dir)
+    label_path = Path(label_path) if label_path is not None else None
+    key = cache_key(t1w_path, label_path, settings)
+    entry = work_dir / "prepared" / f"{key}.npz"
+    if entry.is_file():
+        cached = _load_npz(entry, key, t1w_path, label_path)
+        if cached is not None:
+            logger.debug("%s: prepared arrays from cache %s", t1w_path.name, key[:12])
+            return cached
+    logger.info("%s: preparing (registration: %s)", t1w_path.name, settings.registration)
+    t1 = _load_image(t1w_path)
+    cache_dir = work_dir / "registration"
+    if prepare_fn is None or settings.registration != "syn":
+        image, distance, affine = default_prepare(
+            t1, atlas=settings.atlas, voxel_size=settings.voxel_size,
+            normalization=settings.normalization, cache_dir=cache_dir, image_path=t1w_path,
+            registration=settings.registration,
+        )
+    else:
+        result = prepare_fn(
+            t1, atlas=settings.atlas, voxel_size=settings.voxel_size,
+            normalization=settings.normalization, cache_dir=cache_dir, image_path=t1w_path,
+        )
+        image, distance, affine = result.image, result.distance, np.asarray(result.affine)
+    labels = _labels_on_grid(label_path, image.shape, affine) if label_path is not None else None
+    prepared = PreparedTrainingImage(
+        image=np.ascontiguousarray(image, dtype=np.float32),
+        distance=np.ascontiguousarray(distance, dtype=np.float32),
+        label_values=labels, affine=np.asarray(affine, dtype=np.float64), key=key,
+        t1w_path=t1w_path, label_path=label_path,
+    )
+    _save_npz(entry, prepared)
+    return prepared
+
+
+#: FreeSurfer's WM-hypointensities value and the white matter it is split into, by side.
+_WM_HYPO, _LEFT_WM, _RIGHT_WM = 77, 2, 41
+
+
+def split_by_hemisphere(values: np.ndarray) -> np.ndarray:
+    """Give each WM-hypointensity voxel (FreeSurfer 77) the nearest cerebral white matter label.
+
+    ``ASEG_MERGE`` sends 77 to left white matter (2); this assigns 2 or 41 by whichever
+    white matter voxel is nearest, so right-hemisphere lesions do not become left WM.
+
+    Args:
+        values: ``(X, Y, Z)`` integer label values.
+
+    Returns:
+        a copy with 77 replaced where any 2/41 voxel exists; unchanged otherwise.
+    """
+    hypo = values == _WM_HYPO
+    wm = (values == _LEFT_WM) | (values == _RIGHT_WM)
+    if not hypo.any() or not wm.any():
+        return values
+    _, nearest = ndimage.distance_transform_edt(~wm, return_distances=True, return_indices=True)
+    out = values.copy()
+    idx = tuple(n[hypo] for n in nearest)
+    out[hypo] = values[idx]
+    return out
+
+
+def labels_to_index(
+    values: np.ndarray, table: LabelTable, merge: Mapping[int, int] | None
+) -> np.ndarray:
+    """Label values → model channels (int16), splitting WM hypointensities by side when the
+    table has both cerebral white matters; values outside table and merge become 0."""
+    if merge and _WM_HYPO in merge and {_LEFT_WM, _RIGHT_WM} <= set(table.values):
+        values = split_by_hemisphere(values)
+    return table.value_to_index(values, merge=merge).astype(np.int16)

@@ -1,0 +1,133 @@
+import zipfile
+
+import pytest
+import torch
+
+from bids_cadiff.errors import CheckpointError
+from bids_cadiff.inference.checkpoint import (
+    ModelMetadata,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
+from bids_cadiff.labels import SYNTHSEG32, LabelTable
+from bids_cadiff.models.config import DiffusionConfig, ModelConfig
+from bids_cadiff.models.diffusion import CADiff
+
+TABLE = LabelTable(SYNTHSEG32.entries[:3])
+
+
+def _model() -> CADiff:
+    torch.manual_seed(0)
+    return CADiff(
+        ModelConfig(spatial_dims=3, num_classes=3, channels=(4, 8), time_embed_dim=16),
+        DiffusionConfig(sampling_steps=3, similarity="dice"),
+    )
+
+
+def _meta() -> ModelMetadata:
+    return ModelMetadata(
+        name="tiny",
+        labels=TABLE,
+        normalization={"method": "percentile", "lower": 0.5, "upper": 99.5},
+        voxel_size=(2.0, 2.0, 2.0),
+        patch_size=(16, 16, 16),
+        atlas={"name": "Colin27"},
+        training={"iterations": 3, "data": ["a", "b"]},
+    )
+
+
+def test_round_trip_is_exact(tmp_path):
+    model = _model()
+    path = tmp_path / "m.pt"
+    digest = save_checkpoint(path, model, _meta())
+    loaded = load_checkpoint(path)
+    assert loaded.metadata.sha256 == digest
+    assert loaded.model.model_config == model.model_config
+    assert loaded.model.diffusion_config == model.diffusion_config
+    assert loaded.metadata.labels == TABLE
+    assert loaded.metadata.voxel_size == (2.0, 2.0, 2.0)
+    assert loaded.metadata.patch_size == (16, 16, 16)
+    assert loaded.metadata.training["iterations"] == 3
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert not loaded.model.training
+    assert list(tmp_path.iterdir()) == [path]  # no temp file left
+
+
+def test_half_precision_storage(tmp_path):
+    model = _model()
+    full, half = tmp_path / "full.pt", tmp_path / "half.pt"
+    save_checkpoint(full, model, _meta())
+    save_checkpoint(half, model, _meta(), half=True)
+    assert half.stat().st_size < 0.7 * full.stat().st_size
+    loaded = load_checkpoint(half).model
+    for k, v in model.state_dict().items():
+        w = loaded.state_dict()[k]
+        assert w.dtype == v.dtype
+        torch.testing.assert_close(w, v.half().to(v.dtype) if v.is_floating_point() else v)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_not_a_checkpoint(tmp_path):
+    path = tmp_path / "x.pt"
+    path.write_text("hello")
+    with pytest.raises(CheckpointError, match=r"x\.pt.*not a bids_cadiff checkpoint"):
+        load_checkpoint(path)
+
+
+def test_truncated_file(tmp_path):
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, _model(), _meta())
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"m\.pt"):
+        load_checkpoint(path)
+
+
+def test_tampered_weights_fail_hash(tmp_path):
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, _model(), _meta())
+    payload = torch.load(path, weights_only=True)
+    key = next(iter(payload["state_dict"]))
+    payload["state_dict"][key] = payload["state_dict"][key] + 1
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="hash mismatch"):
+        load_checkpoint(path)
+
+
+def test_other_torch_file_is_rejected(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save(_model().state_dict(), path)
+    with pytest.raises(CheckpointError, match="not a bids_cadiff checkpoint"):
+        read_checkpoint(path)
+
+
+def test_pickled_code_is_not_executed(tmp_path):
+    path = tmp_path / "evil.pt"
+
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('executed')",))
+
+    torch.save({"format": "bids_cadiff-checkpoint", "x": Evil()}, path)
+    assert zipfile.is_zipfile(path)
+    with pytest.raises(CheckpointError, match="cannot be read safely"):
+        load_checkpoint(path)
+
+
+def test_mismatched_weights(tmp_path):
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, _model(), _meta())
+    payload = torch.load(path, weights_only=True)
+    payload["model_config"]["channels"] = [4, 16]
+    from bids_cadiff.inference.checkpoint import _content_hash
+
+    payload["sha256"] = _content_hash(payload)
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="do not match"):
+        load_checkpoint(path)
