@@ -172,3 +172,42 @@ ASEG_MERGE: dict[int, int] = {
     72: 24,  # 5th-Ventricle -> CSF
     80: 0,  # non-WM-hypointensities
 }
+
+
+#: aseg values that are white matter on the midline or of either side (corpus callosum,
+#: hypointensities): assigned to left (2) or right (41) cerebral white matter by hemisphere.
+ASEG_MIDLINE_WM: tuple[int, ...] = (77, 78, 79, 251, 252, 253, 254, 255)
+
+
+def aseg_to_table_values(
+    aseg: np.ndarray, affine: np.ndarray, table: LabelTable | None = None
+) -> np.ndarray:
+    """FreeSurfer aseg values → the values of ``table`` (default :data:`SYNTHSEG32`).
+
+    Midline and bilateral white-matter values (:data:`ASEG_MIDLINE_WM`) become left or right
+    cerebral white matter by the sign of the RAS x coordinate relative to the brain's centre;
+    the other values of :data:`ASEG_MERGE` are merged as listed; values in neither the table
+    nor the merge list become background (0).
+
+    Args:
+        aseg: ``(X, Y, Z)`` integer label values.
+        affine: ``(4, 4)`` voxel-to-world matrix of ``aseg``.
+
+    Returns:
+        ``(X, Y, Z)`` int32 values of ``table``.
+    """
+    table = table or SYNTHSEG32
+    aseg = np.asarray(aseg).astype(np.int32)
+    out = aseg.copy()
+    for src, dst in ASEG_MERGE.items():
+        out[aseg == src] = dst
+    midline = np.isin(aseg, ASEG_MIDLINE_WM)
+    if midline.any():
+        idx = np.argwhere(midline)
+        world_x = (np.c_[idx, np.ones(len(idx))] @ np.asarray(affine).T)[:, 0]
+        brain = np.argwhere(aseg > 0)
+        centre_x = float((np.r_[brain.mean(0), 1.0] @ np.asarray(affine).T)[0])
+        out[tuple(idx.T)] = np.where(world_x < centre_x, 2, 41)
+    known = np.isin(out, table.values)
+    out[~known] = 0
+    return out

@@ -62,7 +62,9 @@ __all__ = [
 DEFAULT_MIN_QUALITY = 0.25
 
 #: Bumped whenever the algorithm changes in a way that invalidates cached transforms.
-_CACHE_VERSION = "1"
+_CACHE_VERSION = "2"
+#: Dilation (mm) of the affinely carried atlas brain mask that skull-strips head images.
+BRAIN_MASK_DILATE_MM = 6.0
 _META_NAME = "registration.json"
 
 
@@ -177,12 +179,17 @@ def _run_ants(
     moving: "ants.ANTsImage",
     params: RegistrationParams,
     workdir: Path,
+    initial: Path | None = None,
 ) -> list[Path]:
-    """Run the affine (+ SyN) stages; return the forward transform files, renamed stably."""
+    """Run the affine (+ SyN) stages; return the forward transform files, renamed stably.
+
+    ``initial``: an affine to start from (else the centres of mass).
+    """
     import ants
 
+    extra = {"initial_transform": str(initial)} if initial is not None else {}
     affine_out = ants.registration(
-        fixed, moving, type_of_transform="Affine",
+        fixed, moving, type_of_transform="Affine", **extra,
         aff_metric="mattes", aff_iterations=params.aff_iterations,
         aff_shrink_factors=params.aff_shrink_factors,
         aff_smoothing_sigmas=params.aff_smoothing_sigmas,
@@ -207,6 +214,42 @@ def _run_ants(
     shutil.copyfile(warps[0], final_warp)
     # apply_transforms applies the list last-to-first: affine first, then the warp.
     return [final_warp, final_affine]
+
+
+def _run_with_skull(
+    fixed: "ants.ANTsImage",
+    moving_head: "ants.ANTsImage",
+    moving_brain: "ants.ANTsImage",
+    moving_mask: "ants.ANTsImage",
+    params: RegistrationParams,
+    workdir: Path,
+    ants: Any,
+) -> list[Path]:
+    """Head images: affine of the atlas head, then brain-to-brain refinement.
+
+    Registering a head atlas to a head directly lets scalp and skull pull the atlas brain off
+    the subject's brain (SyN undershoots the brain edge). Instead: (1) affine of the atlas head
+    to the subject head; (2) the atlas brain mask carried by that affine, dilated by
+    ``BRAIN_MASK_DILATE_MM``, skull-strips the subject; (3) the brain-extracted atlas is
+    registered (affine from step 1, then SyN) to that masked subject.
+    """
+    head_dir = workdir / "head"
+    head_dir.mkdir()
+    head_affine = _run_ants(
+        fixed, moving_head, RegistrationParams(
+            resolution_mm=params.resolution_mm, type_of_transform="Affine",
+            aff_iterations=params.aff_iterations, aff_shrink_factors=params.aff_shrink_factors,
+            aff_smoothing_sigmas=params.aff_smoothing_sigmas,
+        ), head_dir,
+    )[0]
+    mask = ants.apply_transforms(fixed, moving_mask, [str(head_affine)], interpolator="linear")
+    radius = max(1, int(round(BRAIN_MASK_DILATE_MM / params.resolution_mm)))
+    mask = ants.iMath(ants.threshold_image(mask, 0.5, 2.0), "MD", radius)
+    fixed_brain = fixed * mask
+    moving_brain = _downsample(moving_brain, params.resolution_mm)
+    transforms = _run_ants(fixed_brain, moving_brain, params, workdir, initial=head_affine)
+    shutil.rmtree(head_dir, ignore_errors=True)
+    return transforms
 
 
 def _cleanup_ants_outputs(workdir: Path, keep: list[Path]) -> None:
@@ -363,7 +406,13 @@ def _register(
         params.resolution_mm, params.type_of_transform,
     )
     try:
-        transforms = _run_ants(fixed_img, moving_img, params, workdir)
+        if brain_only:
+            transforms = _run_ants(fixed_img, moving_img, params, workdir)
+        else:
+            transforms = _run_with_skull(
+                fixed_img, moving_img, nib_to_ants(atlas_images.brain_image()), mask_img,
+                params, workdir, ants,
+            )
         warped = ants.apply_transforms(fixed_img, moving_img, [str(p) for p in transforms],
                                        interpolator="linear")
         warped_mask = ants.apply_transforms(fixed_img, mask_img, [str(p) for p in transforms],

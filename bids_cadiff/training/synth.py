@@ -1,0 +1,98 @@
+"""SynthSeg-style image synthesis from label maps, and intensity augmentation of real images.
+
+Operates on numpy arrays on the model grid; spatial augmentation (deformations) is done jointly
+on image, labels and distance field elsewhere (MONAI transforms), so labels and field stay in
+register.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+#: T1w-like mean intensities (white matter = 1) of FreeSurfer values, used as the centre of the
+#: random per-label intensities; unknown (extra-cerebral) values get fully random intensities.
+T1_PRIOR: dict[int, float] = {
+    0: 0.0, 2: 1.0, 41: 1.0, 7: 0.95, 46: 0.95, 16: 0.85, 28: 0.8, 60: 0.8,
+    3: 0.55, 42: 0.55, 8: 0.6, 47: 0.6, 17: 0.55, 53: 0.55, 18: 0.55, 54: 0.55,
+    10: 0.75, 49: 0.75, 11: 0.6, 50: 0.6, 12: 0.65, 51: 0.65, 13: 0.8, 52: 0.8,
+    26: 0.6, 58: 0.6, 4: 0.15, 43: 0.15, 5: 0.2, 44: 0.2, 14: 0.15, 15: 0.15, 24: 0.15,
+    30: 0.4, 62: 0.4, 31: 0.4, 63: 0.4, 77: 0.85, 85: 0.7,
+}
+
+#: FreeSurfer values inside the brain (what a skull-stripped image keeps).
+BRAIN_VALUES: frozenset[int] = frozenset(v for v in T1_PRIOR if v != 0) | frozenset(range(251, 256))
+
+
+def mean_t1_image(labels: np.ndarray) -> np.ndarray:
+    """A noiseless T1w-like image of a label map (prior intensities; others 0.3), float32."""
+    values = np.unique(labels)
+    lut = {int(v): T1_PRIOR.get(int(v), 0.3) for v in values}
+    out = np.zeros(labels.shape, dtype=np.float32)
+    for v, m in lut.items():
+        out[labels == v] = m
+    return out
+
+
+def bias_field(shape: tuple[int, ...], rng: np.random.Generator, strength: float) -> np.ndarray:
+    """Smooth multiplicative field ``exp(N(0, strength))`` from a 4³ grid, upsampled."""
+    coarse = rng.normal(0.0, strength, size=(4, 4, 4))
+    field = ndimage.zoom(coarse, [s / 4 for s in shape], order=3)[tuple(slice(0, s) for s in shape)]
+    return np.exp(field).astype(np.float32)
+
+
+def synthesize(
+    labels: np.ndarray, rng: np.random.Generator, *, skull: bool, t1_like: float = 0.7
+) -> np.ndarray:
+    """A random-contrast image of a label map, in the SynthSeg manner.
+
+    Random Gaussian intensity per label (T1w-like means with jitter with probability
+    ``t1_like``, else fully random), random bias field, blur, noise, a random resolution loss
+    along one axis, and a random global scale (the model must not depend on the scale).
+
+    Args:
+        labels: ``(X, Y, Z)`` FreeSurfer label values (extra-cerebral values allowed).
+        rng: random generator.
+        skull: keep non-brain labels (a head) or zero them (a skull-stripped brain).
+
+    Returns:
+        ``(X, Y, Z)`` float32, non-negative, arbitrary scale.
+    """
+    values = np.unique(labels)
+    t1 = rng.random() < t1_like
+    out = np.zeros(labels.shape, dtype=np.float32)
+    for v in values:
+        v = int(v)
+        if v == 0 or (not skull and v not in BRAIN_VALUES):
+            continue
+        mean = (
+            np.clip(T1_PRIOR.get(v, rng.uniform(0.05, 0.9)) + rng.normal(0, 0.08), 0.02, 1.2)
+            if t1
+            else rng.uniform(0.05, 1.0)
+        )
+        mask = labels == v
+        out[mask] = rng.normal(mean, rng.uniform(0.01, 0.06), size=int(mask.sum()))
+    out = np.clip(out, 0, None)
+    out *= bias_field(out.shape, rng, rng.uniform(0.0, 0.3))
+    return augment_intensity(out, rng)
+
+
+def augment_intensity(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Blur, resolution loss, gamma, noise and global scale of a non-negative image."""
+    out = image.astype(np.float32, copy=True)
+    if rng.random() < 0.5:
+        out = ndimage.gaussian_filter(out, rng.uniform(0.2, 1.0))
+    if rng.random() < 0.3:
+        axis = int(rng.integers(0, 3))
+        factor = rng.uniform(1.3, 2.5)
+        zoom = [1.0, 1.0, 1.0]
+        zoom[axis] = 1.0 / factor
+        small = ndimage.zoom(out, zoom, order=1)
+        out = ndimage.zoom(small, [o / s for o, s in zip(out.shape, small.shape)], order=1)
+        out = out[tuple(slice(0, s) for s in image.shape)]
+        out = np.pad(out, [(0, s - o) for s, o in zip(image.shape, out.shape)], mode="edge")
+    peak = float(np.percentile(out[out > 0], 99)) if (out > 0).any() else 1.0
+    out = np.clip(out / max(peak, 1e-6), 0, None) ** np.exp(rng.normal(0, 0.2))
+    out = out + rng.normal(0, rng.uniform(0.0, 0.04), size=out.shape).astype(np.float32)
+    out = np.clip(out, 0, None) * rng.uniform(0.5, 3000.0)
+    return out.astype(np.float32)

@@ -1,0 +1,288 @@
+#!/usr/bin/env python
+"""Reproduce the bundled default model from the project's shared data: one command.
+
+    python scripts/train_default_model.py [--work WORK] [--iterations N] [--threads T]
+
+Stages (each resumable; rerunning the command continues where it stopped):
+
+1. prepare: every labelled fstd subject (T1.mgz, or brainmask.mgz where there is no T1.mgz;
+   aseg mapped to the 32 structures) and every SynthSeg label map (a T1w-like image drawn from
+   its labels) goes through the app's own preprocessing and one registration to Colin27
+   (:func:`bids_cadiff.app.participant.prepare_image`), cached as .npz in WORK/prepared.
+2. train: patches of real images (intensity-augmented, with or without skull) and of images
+   synthesised on the fly from the label maps (SynthSeg manner), jointly rotated/scaled with
+   their labels and distance field; AdamW with cosine decay; checkpoint + optimizer + RNG
+   state every 100 iterations in WORK (exact resume); losses logged to WORK/train_log.tsv.
+3. export: the final weights, half precision, into bids_cadiff/data/cadiff-default.pt with
+   the recipe in the checkpoint's provenance.
+
+``--holdout sub-01,sub-02`` leaves fstd subjects out (cross-validation folds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+log = logging.getLogger("train_default_model")
+
+VOXEL = (2.0, 2.0, 2.0)
+PATCH = (64, 64, 64)
+NORMALIZATION = {"method": "percentile", "lower": 0.5, "upper": 99.5}
+MODEL = {"spatial_dims": 3, "num_classes": 33, "channels": [12, 24, 48, 96], "num_res_blocks": 1,
+         "time_embed_dim": 64, "taca": True, "mode": "collaborative"}
+DIFFUSION = {"timesteps": 1000, "schedule": "linear", "sampling_steps": 5,
+             "consistency_loss": True, "similarity": "cosine"}
+
+
+def _sources() -> list[tuple[str, Path, Path | None, Path | None]]:
+    """(name, image-or-labels path, aseg path or None, brainmask path or None)."""
+    out = []
+    for sub in sorted((SHARED / "fstd").glob("sub-*")):
+        aseg = sub / "aseg.mgz"
+        if not aseg.is_file():
+            continue
+        image = sub / "T1.mgz" if (sub / "T1.mgz").is_file() else sub / "brainmask.mgz"
+        out.append((f"fstd-{sub.name}", image, aseg, sub / "brainmask.mgz"))
+    for seg in sorted((SHARED / "synthseg_label_maps").glob("training_seg_*.nii.gz")):
+        out.append((f"synthseg-{seg.name.split('.')[0]}", seg, None, None))
+    return out
+
+
+def prepare(work: Path) -> list[Path]:
+    from bids_cadiff.app.participant import prepare_image
+    from bids_cadiff.imaging.preprocess import resample_to_reference, to_ras
+    from bids_cadiff.io.nifti import load_t1w
+    from bids_cadiff.labels import aseg_to_table_values
+    from bids_cadiff.registration.atlas import resolve_atlas
+    from bids_cadiff.training.synth import mean_t1_image
+
+    atlas = resolve_atlas(None)
+    out_dir = work / "prepared"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done = []
+    for name, image_path, aseg_path, mask_path in _sources():
+        dst = out_dir / f"{name}.npz"
+        if dst.is_file():
+            done.append(dst)
+            continue
+        start = time.time()
+        if aseg_path is not None:
+            t1 = load_t1w(image_path)
+            lab_img = to_ras(nib.load(aseg_path))
+        else:
+            lab_img = to_ras(nib.load(image_path))
+            raw = np.asarray(lab_img.dataobj).astype(np.int32)
+            t1 = nib.Nifti1Image(mean_t1_image(raw) * 100.0, lab_img.affine)
+        prepared = prepare_image(
+            t1, atlas=atlas, voxel_size=VOXEL, normalization=NORMALIZATION,
+            cache_dir=work / "registration", image_path=image_path,
+        )
+        shape = prepared.image.shape
+        raw_lab = resample_to_reference(
+            np.asarray(lab_img.dataobj).astype(np.int32), lab_img.affine, shape,
+            prepared.affine, order=0,
+        )
+        values = aseg_to_table_values(raw_lab, prepared.affine)
+        if mask_path is not None:
+            m = to_ras(nib.load(mask_path))
+            mask = resample_to_reference(
+                (np.asarray(m.dataobj) > 0).astype(np.uint8), m.affine, shape, prepared.affine, 0
+            ) > 0
+        else:
+            from bids_cadiff.training.synth import BRAIN_VALUES
+
+            mask = np.isin(raw_lab, list(BRAIN_VALUES))
+        tmp = dst.with_suffix(".tmp.npz")
+        np.savez_compressed(
+            tmp, image=prepared.image.astype(np.float32),
+            distance=prepared.distance.astype(np.float16), values=values.astype(np.int16),
+            raw_labels=raw_lab.astype(np.int16), mask=mask, affine=prepared.affine,
+            real=np.array(aseg_path is not None), quality=np.array(prepared.registration.quality),
+        )
+        tmp.rename(dst)
+        log.info("prepared %s in %.0f s (NCC %.2f)", name, time.time() - start,
+                 prepared.registration.quality)
+        done.append(dst)
+    return done
+
+
+class PatchSampler:
+    """Draws training patches; all randomness from one seeded numpy generator (checkpointed)."""
+
+    def __init__(self, files: list[Path], seed: int) -> None:
+        self.items = [dict(np.load(f)) for f in files]
+        self.names = [f.stem for f in files]
+        self.rng = np.random.default_rng(seed)
+
+    def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        from bids_cadiff.imaging.preprocess import normalise_intensity
+        from bids_cadiff.labels import SYNTHSEG32
+        from bids_cadiff.training.synth import augment_intensity, bias_field, synthesize
+
+        rng = self.rng
+        item = self.items[int(rng.integers(len(self.items)))]
+        values = item["values"]
+        fg = np.argwhere(values > 0)
+        centre = fg[int(rng.integers(len(fg)))] + rng.integers(-8, 9, size=3)
+        lo = np.clip(centre - np.array(PATCH) // 2, 0, np.maximum(np.array(values.shape) - PATCH, 0))
+        box = tuple(slice(int(a), int(a) + p) for a, p in zip(lo, PATCH))
+        skull = rng.random() < 0.6
+        real = bool(item["real"]) and rng.random() < 0.5
+        if real:
+            image = item["image"][box].astype(np.float32)
+            if not skull:
+                image = image * item["mask"][box]
+            image = image * bias_field(image.shape, rng, rng.uniform(0, 0.3))
+            image = augment_intensity(image, rng)
+        else:
+            image = synthesize(item["raw_labels"][box], rng, skull=skull)
+        image = normalise_intensity(image)
+        distance = item["distance"][(slice(None), *box)].astype(np.float32)
+        labels = SYNTHSEG32.value_to_index(values[box])
+        pad = [(0, p - s) for p, s in zip(PATCH, image.shape)]
+        image = np.pad(image, pad)
+        distance = np.pad(distance, [(0, 0), *pad])
+        labels = np.pad(labels, pad)
+        if rng.random() < 0.5:  # left-right flips would swap hemispheres: flip field and labels
+            pass
+        return image, distance, labels
+
+
+def train(work: Path, files: list[Path], iterations: int, batch: int, lr: float, seed: int) -> Path:
+    from monai.transforms import RandAffined
+
+    from bids_cadiff.models.config import DiffusionConfig, ModelConfig
+    from bids_cadiff.models.diffusion import CADiff
+
+    torch.manual_seed(seed)
+    model = CADiff(ModelConfig.from_dict(MODEL), DiffusionConfig.from_dict(DIFFUSION))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=iterations, pct_start=0.05)
+    sampler = PatchSampler(files, seed)
+    affine = RandAffined(
+        keys=["image", "distance", "labels"], prob=0.7, rotate_range=[0.17] * 3,
+        scale_range=[0.1] * 3, mode=["bilinear", "bilinear", "nearest"], padding_mode="zeros",
+    )
+    affine.set_random_state(seed)
+    gen = torch.Generator().manual_seed(seed)
+    state_path = work / "train_state.pt"
+    start_it = 0
+    if state_path.is_file():
+        state = torch.load(state_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        sampler.rng.bit_generator.state = state["sampler_rng"]
+        affine.R.set_state(state["affine_rng"])
+        gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+        start_it = state["iteration"]
+        log.info("resumed at iteration %d", start_it)
+    log_path = work / "train_log.tsv"
+    if not log_path.exists():
+        log_path.write_text("iteration\tseconds\tloss\tdice_ce\tmse\tsac\tlr\n")
+    model.train()
+    t0 = time.time()
+    from tqdm import tqdm
+
+    for it in tqdm(range(start_it, iterations), initial=start_it, total=iterations, mininterval=30):
+        imgs, dists, labs = [], [], []
+        for _ in range(batch):
+            image, distance, labels = sampler.sample()
+            out = affine({"image": image[None], "distance": distance, "labels": labels[None].astype(np.float32)})
+            imgs.append(torch.as_tensor(np.asarray(out["image"])))
+            dists.append(torch.as_tensor(np.asarray(out["distance"])))
+            labs.append(torch.as_tensor(np.asarray(out["labels"])).round().long())
+        losses = model.training_losses(torch.stack(imgs), torch.stack(dists), torch.stack(labs), generator=gen)
+        opt.zero_grad()
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with log_path.open("a") as fh:
+            fh.write("\t".join([str(it + 1), f"{time.time() - t0:.1f}"] + [
+                f"{float(losses.get(k, torch.tensor(float('nan')))):.4f}" for k in ("loss", "dice_ce", "mse", "sac")
+            ] + [f"{sched.get_last_lr()[0]:.2e}"]) + "\n")
+        if (it + 1) % 100 == 0 or it + 1 == iterations:
+            tmp = state_path.with_suffix(".tmp")
+            torch.save({
+                "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                "sampler_rng": sampler.rng.bit_generator.state, "affine_rng": affine.R.get_state(),
+                "gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "iteration": it + 1,
+            }, tmp)
+            tmp.rename(state_path)
+    return state_path
+
+
+def export(work: Path, dest: Path, files: list[Path], iterations: int, args: argparse.Namespace) -> None:
+    from bids_cadiff.inference.checkpoint import ModelMetadata, save_checkpoint
+    from bids_cadiff.labels import SYNTHSEG32
+    from bids_cadiff.models.config import DiffusionConfig, ModelConfig
+    from bids_cadiff.models.diffusion import CADiff
+    from bids_cadiff.registration.atlas import resolve_atlas
+
+    state = torch.load(work / "train_state.pt", weights_only=False)
+    model = CADiff(ModelConfig.from_dict(MODEL), DiffusionConfig.from_dict(DIFFUSION))
+    model.load_state_dict(state["model"])
+    atlas = resolve_atlas(None)
+    log_lines = (work / "train_log.tsv").read_text().strip().splitlines()
+    hours = float(log_lines[-1].split("\t")[1]) / 3600 if len(log_lines) > 1 else 0.0
+    meta = ModelMetadata(
+        name="cadiff-default", labels=SYNTHSEG32, normalization=NORMALIZATION,
+        voxel_size=VOXEL, patch_size=PATCH,
+        atlas={"name": atlas.name, "source": atlas.description},
+        training={
+            "recipe": "scripts/train_default_model.py " + " ".join(sys.argv[1:]),
+            "data": [f.stem for f in files], "iterations": state["iteration"],
+            "hours_last_session": round(hours, 2), "hardware": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "batch_size": args.batch, "lr": args.lr,
+            "seed": args.seed, "holdout": args.holdout,
+        },
+    )
+    digest = save_checkpoint(dest, model, meta, half=True)
+    log.info("exported %s (sha256 %s…)", dest, digest[:12])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=REPO / "work" / "default_model")
+    parser.add_argument("--iterations", type=int, default=3000)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--holdout", default="", help="comma-separated fstd subjects to leave out")
+    parser.add_argument("--output", type=Path, default=REPO / "bids_cadiff" / "data" / "cadiff-default.pt")
+    parser.add_argument("--stage", choices=["all", "prepare", "train", "export"], default="all")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    args.work.mkdir(parents=True, exist_ok=True)
+    (args.work / "recipe.json").write_text(json.dumps(
+        {"argv": sys.argv[1:], "model": MODEL, "diffusion": DIFFUSION, "voxel": VOXEL, "patch": PATCH}, indent=2))
+    files = prepare(args.work) if args.stage in ("all", "prepare") else sorted((args.work / "prepared").glob("*.npz"))
+    held = {f"fstd-{h.strip()}" for h in args.holdout.split(",") if h.strip()}
+    files = [f for f in files if f.stem not in held]
+    if args.stage in ("all", "train"):
+        train(args.work, files, args.iterations, args.batch, args.lr, args.seed)
+    if args.stage in ("all", "export"):
+        export(args.work, args.output, files, args.iterations, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
