@@ -67,7 +67,7 @@ def prepare(work: Path) -> list[Path]:
     from bids_cadiff.io.nifti import load_t1w
     from bids_cadiff.labels import aseg_to_table_values
     from bids_cadiff.registration.atlas import resolve_atlas
-    from bids_cadiff.training.synth import mean_t1_image
+    from bids_cadiff.training.synth import BRAIN_VALUES, mean_t1_image
 
     atlas = resolve_atlas(None)
     out_dir = work / "prepared"
@@ -85,7 +85,9 @@ def prepare(work: Path) -> list[Path]:
         else:
             lab_img = to_ras(nib.load(image_path))
             raw = np.asarray(lab_img.dataobj).astype(np.int32)
-            t1 = nib.Nifti1Image(mean_t1_image(raw) * 100.0, lab_img.affine)
+            # brain only: one brain-to-brain registration (the field matters inside the brain)
+            brain_raw = np.where(np.isin(raw, list(BRAIN_VALUES)), raw, 0)
+            t1 = nib.Nifti1Image(mean_t1_image(brain_raw) * 100.0, lab_img.affine)
         prepared = prepare_image(
             t1, atlas=atlas, voxel_size=VOXEL, normalization=NORMALIZATION,
             cache_dir=work / "registration", image_path=image_path,
@@ -102,8 +104,6 @@ def prepare(work: Path) -> list[Path]:
                 (np.asarray(m.dataobj) > 0).astype(np.uint8), m.affine, shape, prepared.affine, 0
             ) > 0
         else:
-            from bids_cadiff.training.synth import BRAIN_VALUES
-
             mask = np.isin(raw_lab, list(BRAIN_VALUES))
         tmp = dst.with_suffix(".tmp.npz")
         np.savez_compressed(

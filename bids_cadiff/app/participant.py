@@ -27,7 +27,7 @@ from bids_cadiff import __version__
 from bids_cadiff.bidsio import derivatives as deriv
 from bids_cadiff.bidsio.query import T1wRecord, find_t1w
 from bids_cadiff.config import RunConfig
-from bids_cadiff.errors import CadiffError, CheckpointError, InputError, UsageError
+from bids_cadiff.errors import CadiffError, CheckpointError, UsageError
 from bids_cadiff.imaging.preprocess import (
     n4_bias_correct,
     normalise_intensity,
@@ -277,8 +277,31 @@ def process_record(
     return timings
 
 
+def _worker_init(threads: int) -> None:
+    """Worker process set-up: its own thread budget for torch and ITK (ANTs)."""
+    import os
+
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)  # this worker's own env
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+def _worker(record: T1wRecord, config: RunConfig, model_path: Path, atlas: AtlasSpec,
+            device: str) -> dict[str, float]:
+    loaded = load_checkpoint(model_path)
+    return process_record(record, config=config, loaded=loaded, atlas=atlas,
+                          device=torch.device(device))
+
+
 def run_participant(config: RunConfig) -> int:
-    """Segment every selected T1w. Returns 0, or 1 when any image failed."""
+    """Segment every selected T1w. Returns 0, or 1 when any image failed.
+
+    Images run one after the other with ``--omp-nthreads`` threads each, or, when
+    ``--nprocs`` allows ``nprocs // omp_nthreads`` > 1 workers on the CPU, in that many worker
+    processes.
+    """
     records = find_t1w(
         config.bids_dir,
         participant_labels=config.participant_labels,
@@ -298,25 +321,53 @@ def run_participant(config: RunConfig) -> int:
     )
     deriv.init_derivatives(config.output_dir, config.bids_dir, loaded.metadata.labels)
     failures: list[tuple[Path, str]] = []
-    for record in tqdm(records, desc="T1w images", unit="image", disable=len(records) < 2):
+    todo = []
+    for record in records:
         if not config.overwrite and _is_finished(config.output_dir, record.entities):
             log.info("%s: already done, skipped (--overwrite recomputes)", record.relpath)
-            continue
-        log.info("%s: segmenting", record.relpath)
-        try:
-            timings = process_record(
-                record, config=config, loaded=loaded, atlas=atlas, device=device
-            )
-            log.info(
-                "%s: done (%s)", record.relpath,
-                ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()),
-            )
-        except (InputError, CadiffError) as exc:
-            log.error("FAILED %s", exc)
-            failures.append((record.path, str(exc)))
-        except Exception as exc:  # noqa: BLE001 - one image must not lose the others
-            log.exception("FAILED %s: unexpected error", record.path)
-            failures.append((record.path, f"{type(exc).__name__}: {exc}"))
+        else:
+            todo.append(record)
+    workers = max(1, config.nprocs // config.omp_nthreads) if device.type == "cpu" else 1
+    workers = min(workers, len(todo))
+
+    def report(record: T1wRecord, outcome: dict[str, float] | BaseException) -> None:
+        if isinstance(outcome, CadiffError):
+            log.error("FAILED %s", outcome)
+            failures.append((record.path, str(outcome)))
+        elif isinstance(outcome, BaseException):
+            log.error("FAILED %s: unexpected error", record.path, exc_info=outcome)
+            failures.append((record.path, f"{type(outcome).__name__}: {outcome}"))
+        else:
+            log.info("%s: done (%s)", record.relpath,
+                     ", ".join(f"{k} {v:.1f} s" for k, v in outcome.items()))
+
+    if workers > 1:
+        import concurrent.futures as cf
+        import multiprocessing
+
+        log.info("%d images in %d worker processes, %d threads each", len(todo), workers,
+                 config.omp_nthreads)
+        with cf.ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_worker_init, initargs=(config.omp_nthreads,),
+        ) as pool:
+            futures = {
+                pool.submit(_worker, r, config, loaded.path, atlas, str(device)): r for r in todo
+            }
+            for future in tqdm(cf.as_completed(futures), total=len(futures), desc="T1w images",
+                               unit="image"):
+                exc = future.exception()
+                report(futures[future], exc if exc is not None else future.result())
+    else:
+        for record in tqdm(todo, desc="T1w images", unit="image", disable=len(todo) < 2):
+            log.info("%s: segmenting", record.relpath)
+            try:
+                outcome: dict[str, float] | BaseException = process_record(
+                    record, config=config, loaded=loaded, atlas=atlas, device=device
+                )
+            except Exception as exc:  # noqa: BLE001 - one image must not lose the others
+                outcome = exc
+            report(record, outcome)
     if failures:
         log.error("%d of %d image(s) failed:", len(failures), len(records))
         for path, reason in failures:

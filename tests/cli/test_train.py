@@ -1,0 +1,165 @@
+"""cadiff-train: parser, recipes, and end-to-end runs on a generated labelled BIDS dataset."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bids_cadiff.app.train import TrainConfig, load_recipe, merge_recipes
+from bids_cadiff.cli.train import build_parser, main, overrides_from_args
+from bids_cadiff.inference.checkpoint import load_checkpoint
+from tests.training.synthetic import TINY_ARGS, make_labelled_dataset
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> tuple[Path, Path, Path]:
+    return make_labelled_dataset(tmp_path)
+
+
+def test_parser_keeps_only_given_options(tmp_path: Path):
+    args = build_parser().parse_args(
+        [str(tmp_path), str(tmp_path), str(tmp_path / "o"), "--mode", "dual", "--no-taca",
+         "--patch-size", "32", "--no-consistency"]
+    )
+    over = overrides_from_args(args)
+    assert over["model"] == {"mode": "dual", "taca": False}
+    assert over["diffusion"] == {"consistency_loss": False}
+    assert over["training"] == {"patch_size": [32]}
+    assert "lr" not in vars(args) and "labels" not in vars(args)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--lr", "-1"], "--lr must be > 0"),
+    (["--val-fraction", "1.5"], "--val-fraction must be in [0, 1)"),
+    (["--mode", "joint"], "invalid choice"),
+])
+def test_parser_rejects_bad_values(tmp_path: Path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args([str(tmp_path), str(tmp_path), str(tmp_path / "o"), *argv])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_recipes_in_configs_are_valid():
+    files = sorted(CONFIGS.rglob("*.toml"))
+    assert len(files) >= 6
+    base = load_recipe(CONFIGS / "cadiff_3d.toml")
+    for path in files:
+        config = TrainConfig.from_dict(merge_recipes(base, load_recipe(path)))
+        assert config.training.patch_size
+    paper = TrainConfig.from_dict(base)
+    assert paper.training.patch_size == (96, 96, 96) and paper.training.lr == 1e-4
+    assert paper.training.iterations == 200_000 and paper.model.taca_kernel_sizes == (7, 11, 15)
+    two_d = TrainConfig.from_dict(load_recipe(CONFIGS / "cadiff_2d.toml"))
+    assert two_d.training.patch_size == (160, 160) and two_d.training.batch_size == 70
+
+
+def test_train_resume_and_load(dataset, tmp_path: Path):
+    bids, labels, atlas = dataset
+    common = [str(bids), str(labels), "--atlas", str(atlas), *TINY_ARGS, "--checkpoint-every", "2",
+              "--val-every", "2", "--val-participants", "03"]
+    assert main([*common[:2], str(tmp_path / "a"), *common[2:], "--iterations", "4"]) == 0
+    assert main([*common[:2], str(tmp_path / "b"), *common[2:], "--iterations", "2"]) == 0
+    assert main([*common[:2], str(tmp_path / "b"), *common[2:], "--iterations", "4",
+                 "--resume", "auto"]) == 0
+    a = load_checkpoint(tmp_path / "a/model.pt")
+    b = load_checkpoint(tmp_path / "b/model.pt")
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    meta = b.metadata
+    assert meta.training["iteration"] == 4 and meta.voxel_size == (4.0, 4.0, 4.0)
+    assert meta.labels.values == [0, 2, 3, 4, 41, 42, 43, 77]
+    assert meta.training["val_images"] == ["sub-03_T1w"]
+    saved = tomllib.loads((tmp_path / "b/train_config.toml").read_text())
+    again = TrainConfig.from_dict(saved)
+    assert again.model.channels == (8, 16) and again.data.registration == "none"
+    assert "\n4\tmean\t" in (tmp_path / "b/val_log.tsv").read_text()
+
+
+def test_config_file_with_cli_override_and_2d(dataset, tmp_path: Path):
+    bids, labels, atlas = dataset
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('[model]\nspatial_dims = 2\nmode = "dual"\n[training]\niterations = 50\n'
+                      'batch_size = 3\n')
+    out = tmp_path / "out"
+    assert main([str(bids), str(labels), str(out), "--config", str(recipe), "--atlas", str(atlas),
+                 *TINY_ARGS, "--iterations", "2", "--val-every", "2"]) == 0
+    loaded = load_checkpoint(out / "model.pt")
+    assert loaded.model.model_config.spatial_dims == 2 and loaded.model.model_config.mode == "dual"
+    assert loaded.metadata.patch_size == (16, 16)
+    assert loaded.metadata.training["iteration"] == 2
+    assert loaded.metadata.training["recipe"]["training"]["batch_size"] == 2
+
+
+def test_usage_errors_are_one_line(dataset, tmp_path: Path, capsys):
+    bids, labels, atlas = dataset
+    assert main([str(bids), str(labels), str(bids), *TINY_ARGS]) == 2
+    assert "OUTPUT_DIR is the same folder as BIDS_DIR" in capsys.readouterr().err
+    assert main([str(bids), str(labels), str(tmp_path / "o"), "--atlas", str(atlas), *TINY_ARGS,
+                 "--labels", "nonsense"]) == 2
+    assert "neither 'synthseg32', 'dseg'" in capsys.readouterr().err
+    no_table = tmp_path / "labels_without_tsv"
+    no_table.mkdir()
+    assert main([str(bids), str(no_table), str(tmp_path / "o"), "--atlas", str(atlas),
+                 *TINY_ARGS]) == 2
+    assert "dseg.tsv" in capsys.readouterr().err
+
+
+SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "fstd"
+
+
+def _real_dataset(root: Path, subjects=("01", "02")) -> tuple[Path, Path]:
+    """BIDS + labels from FreeSurfer's T1.mgz/aseg.mgz of real subjects (converted to NIfTI)."""
+    import json
+
+    import nibabel as nib
+
+    bids, labels = root / "bids", root / "labels"
+    for folder, kind in ((bids, "raw"), (labels, "derivative")):
+        folder.mkdir(parents=True)
+        (folder / "dataset_description.json").write_text(json.dumps(
+            {"Name": "fstd", "BIDSVersion": "1.10.0", "DatasetType": kind}))
+    for sub in subjects:
+        for src, dst in (("T1.mgz", bids / f"sub-{sub}/anat/sub-{sub}_T1w.nii.gz"),
+                         ("aseg.mgz", labels / f"sub-{sub}/anat/sub-{sub}_desc-aseg_dseg.nii.gz")):
+            img = nib.load(str(SHARED / f"sub-{sub}" / src))
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine), str(dst))
+    return bids, labels
+
+
+@pytest.mark.slow
+def test_train_on_real_images_with_ants_registration(tmp_path: Path):
+    """Colin27 registered with ANTs (affine) to real T1w, FreeSurfer aseg merged to synthseg32."""
+    if not (SHARED / "sub-02" / "aseg.mgz").is_file():
+        pytest.skip(f"shared data missing: {SHARED} (see /work/shared/data/README.md)")
+    from bids_cadiff.registration.atlas import COLIN27_DIR
+
+    if not (COLIN27_DIR / "ch2.nii.gz").is_file():
+        pytest.skip("Colin27 atlas missing (apt-get install mricron-data)")
+    bids, labels = _real_dataset(tmp_path)
+    args = ["--registration", "affine", "--voxel-size", "4", "--labels", "synthseg32",
+            "--channels", "8", "16", "--time-embed-dim", "16", "--timesteps", "50",
+            "--sampling-steps", "2", "--patch-size", "16", "--batch-size", "2",
+            "--iterations", "2", "--val-every", "2", "--no-progress"]
+    assert main([str(bids), str(labels), str(tmp_path / "o"), *args]) == 0
+    loaded = load_checkpoint(tmp_path / "o/model.pt")
+    assert loaded.metadata.labels.num_classes == 33 and loaded.metadata.atlas["name"] == "Colin27"
+    assert any((tmp_path / "o/work/registration").iterdir())
+    prepared = list((tmp_path / "o/work/prepared").glob("*.npz"))
+    assert len(prepared) == 2
+    with np.load(prepared[0]) as arrays:
+        assert arrays["distance"].max() > 0.9 and arrays["image"].shape == (64, 64, 64)
