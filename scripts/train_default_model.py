@@ -39,9 +39,11 @@ SHARED = REPO.parent / "shared" / "data"
 log = logging.getLogger("train_default_model")
 
 VOXEL = (2.0, 2.0, 2.0)
-PATCH = (64, 64, 64)
+PATCH = (48, 48, 48)
+#: SynthSeg label maps used (each costs one registration to prepare).
+SYNTHSEG_MAPS = 10
 NORMALIZATION = {"method": "percentile", "lower": 0.5, "upper": 99.5}
-MODEL = {"spatial_dims": 3, "num_classes": 33, "channels": [12, 24, 48, 96], "num_res_blocks": 1,
+MODEL = {"spatial_dims": 3, "num_classes": 33, "channels": [16, 32, 64], "num_res_blocks": 1,
          "time_embed_dim": 64, "taca": True, "mode": "collaborative"}
 DIFFUSION = {"timesteps": 1000, "schedule": "linear", "sampling_steps": 5,
              "consistency_loss": True, "similarity": "cosine"}
@@ -56,7 +58,8 @@ def _sources() -> list[tuple[str, Path, Path | None, Path | None]]:
             continue
         image = sub / "T1.mgz" if (sub / "T1.mgz").is_file() else sub / "brainmask.mgz"
         out.append((f"fstd-{sub.name}", image, aseg, sub / "brainmask.mgz"))
-    for seg in sorted((SHARED / "synthseg_label_maps").glob("training_seg_*.nii.gz")):
+    maps = sorted((SHARED / "synthseg_label_maps").glob("training_seg_*.nii.gz"))
+    for seg in maps[:SYNTHSEG_MAPS]:
         out.append((f"synthseg-{seg.name.split('.')[0]}", seg, None, None))
     return out
 
@@ -156,8 +159,6 @@ class PatchSampler:
         image = np.pad(image, pad)
         distance = np.pad(distance, [(0, 0), *pad])
         labels = np.pad(labels, pad)
-        if rng.random() < 0.5:  # left-right flips would swap hemispheres: flip field and labels
-            pass
         return image, distance, labels
 
 
@@ -214,7 +215,8 @@ def train(work: Path, files: list[Path], iterations: int, batch: int, lr: float,
         sched.step()
         with log_path.open("a") as fh:
             fh.write("\t".join([str(it + 1), f"{time.time() - t0:.1f}"] + [
-                f"{float(losses.get(k, torch.tensor(float('nan')))):.4f}" for k in ("loss", "dice_ce", "mse", "sac")
+                f"{float(losses[k].detach()) if k in losses else float('nan'):.4f}"
+                for k in ("loss", "dice_ce", "mse", "sac")
             ] + [f"{sched.get_last_lr()[0]:.2e}"]) + "\n")
         if (it + 1) % 100 == 0 or it + 1 == iterations:
             tmp = state_path.with_suffix(".tmp")
@@ -259,7 +261,7 @@ def export(work: Path, dest: Path, files: list[Path], iterations: int, args: arg
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=REPO / "work" / "default_model")
-    parser.add_argument("--iterations", type=int, default=3000)
+    parser.add_argument("--iterations", type=int, default=1200)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)

@@ -90,7 +90,7 @@ def _reference(dseg: Path, table: Any, merge: Mapping[int, int]) -> tuple[np.nda
     img = nib.load(str(dseg))
     values = np.rint(np.asanyarray(img.dataobj)).astype(np.int32).squeeze()
     spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
-    return labels_to_index(values, table, merge), np.asarray(img.affine), spacing
+    return labels_to_index(values, table, merge, img.affine), np.asarray(img.affine), spacing
 
 
 def _score(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], table: Any,

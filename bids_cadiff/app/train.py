@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import platform
 import time
 import tomllib
@@ -408,7 +407,7 @@ def prepare_items(
             pair.t1w, pair.dseg, settings=settings, work_dir=work_dir, prepare_fn=prepare_image
         )
         assert prepared.label_values is not None
-        labels = labels_to_index(prepared.label_values, table, merge)
+        labels = labels_to_index(prepared.label_values, table, merge, prepared.affine)
         if not labels.any():
             raise InputError(
                 pair.dseg, "holds none of the label table's structures on the model grid; check "

@@ -23,7 +23,14 @@ from typing import Any, Sequence
 
 from bids_cadiff import __version__
 from bids_cadiff.cli.parser import _OneLineParser
-from bids_cadiff.cli.run import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, setup_logging
+from bids_cadiff.cli.run import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    set_threads,
+    setup_logging,
+)
 from bids_cadiff.errors import CadiffError, UsageError
 
 logger = logging.getLogger("bids_cadiff.cli")
@@ -164,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress bar")
+    parser.add_argument("--nthreads", type=_positive(int, "--nthreads"), metavar="N",
+                        help="torch CPU threads per process (default: torch's choice)")
 
     data = parser.add_argument_group("data")
     data.add_argument("--participant-label", nargs="+", type=_label, metavar="LABEL",
@@ -259,6 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
     setup_logging(getattr(args, "verbose", 0))
+    if "nthreads" in args:
+        set_threads(args.nthreads)
     from bids_cadiff.app.train import TrainConfig, load_recipe, merge_recipes, run_training
 
     try:

@@ -154,7 +154,7 @@ def multiatlas_segment(
             logger.warning("multi-atlas: %s skipped for %s: %s", t1w.name, target_t1w.name, exc)
             last_error = exc
             continue
-        maps.append(labels_to_index(values, table, merge))
+        maps.append(labels_to_index(values, table, merge, target.affine))
     if not maps:
         raise RegistrationError(target_t1w, f"no atlas subject could be registered ({last_error})")
     return majority_vote(maps, table.num_classes), np.asarray(target.affine)

@@ -351,10 +351,24 @@ def split_by_hemisphere(values: np.ndarray) -> np.ndarray:
 
 
 def labels_to_index(
-    values: np.ndarray, table: LabelTable, merge: Mapping[int, int] | None
+    values: np.ndarray,
+    table: LabelTable,
+    merge: Mapping[int, int] | None,
+    affine: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Label values → model channels (int16), splitting WM hypointensities by side when the
-    table has both cerebral white matters; values outside table and merge become 0."""
+    """Label values → model channels (int16); values outside table and merge become 0.
+
+    With FreeSurfer's merge (:data:`~bids_cadiff.labels.ASEG_MERGE`) and the grid's ``affine``,
+    values go through :func:`~bids_cadiff.labels.aseg_to_table_values` first, as everywhere
+    else in the package: midline and bilateral white matter (WM hypointensities, corpus
+    callosum) become left or right cerebral white matter by side. Without ``affine``, WM
+    hypointensities take the nearest white matter label (:func:`split_by_hemisphere`).
+    """
+    from bids_cadiff.labels import ASEG_MERGE, aseg_to_table_values
+
+    if merge and affine is not None and dict(merge) == ASEG_MERGE:
+        mapped = aseg_to_table_values(values, affine, table)
+        return table.value_to_index(mapped).astype(np.int16)
     if merge and _WM_HYPO in merge and {_LEFT_WM, _RIGHT_WM} <= set(table.values):
         values = split_by_hemisphere(values)
     return table.value_to_index(values, merge=merge).astype(np.int16)

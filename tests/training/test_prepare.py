@@ -47,3 +47,7 @@ def test_wm_hypointensities_go_to_the_nearest_white_matter():
     assert split[1, 1, 1] == 2 and split[7, 1, 1] == 41
     index = labels_to_index(values, SYNTHSEG32, ASEG_MERGE)
     assert index[7, 1, 1] == SYNTHSEG32.values.index(41) and index.dtype == np.int16
+    values[4, 1, 1] = 251  # corpus callosum: cerebral white matter by side, with the affine
+    with_affine = labels_to_index(values, SYNTHSEG32, ASEG_MERGE, np.eye(4))
+    assert with_affine[7, 1, 1] == SYNTHSEG32.values.index(41)
+    assert with_affine[4, 1, 1] in (SYNTHSEG32.values.index(2), SYNTHSEG32.values.index(41))
