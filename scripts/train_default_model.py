@@ -261,7 +261,7 @@ def export(work: Path, dest: Path, files: list[Path], iterations: int, args: arg
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=REPO / "work" / "default_model")
-    parser.add_argument("--iterations", type=int, default=1200)
+    parser.add_argument("--iterations", type=int, default=2500)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)

@@ -148,3 +148,66 @@ def _remove_cli_log_handlers():
     for handler in list(root.handlers):
         if getattr(handler, "_bids_cadiff", False):
             root.removeHandler(handler)
+
+
+@pytest.fixture(scope="session")
+def phantom_app_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """What a real participant-level run needs, small enough for tests: a phantom atlas, a
+    tiny untrained 4-class model at 4 mm, and a BIDS dataset of phantom heads (one with skull,
+    one skull-stripped on a flipped grid, one truncated file, one all-NaN image).
+
+    Returns:
+        ``{"bids": dir, "atlas": atlas T1w, "model": checkpoint, "good": [relative T1w paths]}``.
+    """
+    import gzip
+    import json
+
+    import torch
+
+    from bids_cadiff.inference.checkpoint import ModelMetadata, save_checkpoint
+    from bids_cadiff.labels import SYNTHSEG32, LabelTable
+    from bids_cadiff.models.config import DiffusionConfig, ModelConfig
+    from bids_cadiff.models.diffusion import CADiff
+    from tests.registration.conftest import make_phantom
+
+    torch.manual_seed(0)
+    model = CADiff(
+        ModelConfig(spatial_dims=3, num_classes=4, channels=(4, 8), time_embed_dim=16),
+        DiffusionConfig(sampling_steps=2),
+    )
+    model_path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_checkpoint(
+        model_path, model,
+        ModelMetadata(name="tiny", labels=LabelTable(SYNTHSEG32.entries[:4]),
+                      normalization={"method": "percentile"}, voxel_size=(4.0, 4.0, 4.0),
+                      patch_size=(24, 24, 24)),
+    )
+    atlas_dir = tmp_path_factory.mktemp("atlas")
+    data, brain, affine = make_phantom(skull=True)
+    nib.save(nib.Nifti1Image(data, affine), atlas_dir / "phantom.nii.gz")
+    nib.save(nib.Nifti1Image(brain.astype(np.uint8), affine), atlas_dir / "phantom_brain.nii.gz")
+
+    root = tmp_path_factory.mktemp("bids")
+    (root / "dataset_description.json").write_text(
+        json.dumps({"Name": "phantoms", "BIDSVersion": "1.10.0"})
+    )
+
+    def write(rel: str, array: np.ndarray, aff: np.ndarray) -> None:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(array, aff), root / rel)
+
+    head, _, aff = make_phantom(skull=True, shift_mm=(3, -4, 2), scale=1.05, intensity_scale=37)
+    write("sub-01/anat/sub-01_T1w.nii.gz", head, aff)
+    stripped, _, aff2 = make_phantom(skull=False, shift_mm=(-2, 3, 0), scale=0.95)
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0]) @ aff2  # LPS-like grid: outputs must keep it
+    write("sub-02/ses-1/anat/sub-02_ses-1_T1w.nii.gz", stripped[::-1, ::-1, :].copy(), flip)
+    bad = root / "sub-03" / "anat" / "sub-03_T1w.nii.gz"
+    bad.parent.mkdir(parents=True)
+    whole = gzip.compress(nib.Nifti1Image(head, aff).to_bytes())
+    bad.write_bytes(whole[: len(whole) // 3])  # truncated
+    write("sub-04/anat/sub-04_T1w.nii.gz", np.full(head.shape, np.nan, np.float32), aff)
+    return {
+        "bids": root, "atlas": atlas_dir / "phantom.nii.gz", "model": model_path,
+        "good": [Path("sub-01/anat/sub-01_T1w.nii.gz"),
+                 Path("sub-02/ses-1/anat/sub-02_ses-1_T1w.nii.gz")],
+    }

@@ -222,23 +222,18 @@ def test_participant_level_writes_only_output_and_work(
 ) -> None:
     _require_module("bids_cadiff.app.participant")
     _require_module("bids_cadiff.cli.run")
-    try:
-        bids_dir = Path(request.getfixturevalue("tiny_bids_dataset"))
-    except pytest.FixtureLookupError:
-        pytest.skip(
-            "no 'tiny_bids_dataset' fixture in tests/conftest.py yet (a one-subject BIDS "
-            "dataset whose T1w the real pipeline can register and segment; bids_skeleton's "
-            "random 9x10x11 volumes are too small); this end-to-end check runs once it exists"
-        )
+    inputs = request.getfixturevalue("phantom_app_inputs")
+    bids_dir = inputs["bids"]
     out, work = tmp_path / "out", tmp_path / "work"
     out.mkdir()
     work.mkdir()
     proc = run_readonly(
         [sys.executable, "-m", "bids_cadiff.cli.run", str(bids_dir), str(out), "participant",
-         "-w", str(work)],
+         "-w", str(work), "--participant-label", "01", "02", "--model", str(inputs["model"]),
+         "--atlas", str(inputs["atlas"]), "--skip-bids-validation"],
         [out, work],
         root=tmp_path / "run",
-        unchanged_dirs=[bids_dir],
+        unchanged_dirs=[bids_dir, inputs["model"].parent, inputs["atlas"].parent],
         timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]

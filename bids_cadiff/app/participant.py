@@ -35,11 +35,7 @@ from bids_cadiff.imaging.preprocess import (
     to_ras,
 )
 from bids_cadiff.inference.checkpoint import LoadedModel, load_checkpoint
-from bids_cadiff.inference.predict import (
-    SlidingWindowSettings,
-    predict_probabilities,
-    resolve_device,
-)
+from bids_cadiff.inference.predict import predict_volume, resolve_device
 from bids_cadiff.inference.resample import probabilities_to_grid
 from bids_cadiff.io.nifti import load_t1w
 from bids_cadiff.registration.ants import Registration, register_atlas, warp_distance_field
@@ -157,19 +153,18 @@ def segment_prepared(
     device: torch.device,
     progress: bool = False,
 ) -> tuple[torch.Tensor, np.ndarray]:
-    """CA-Diff class probabilities inside the brain box of a prepared image.
+    """CA-Diff class probabilities inside the brain box of a prepared image (3D models by
+    sliding windows, 2D models slice by slice along the axial axis).
 
     Returns:
         ``(probs, affine)``: ``(C, X, Y, Z)`` probabilities of the cropped box and its affine.
     """
     box = brain_box(prepared.distance)
-    image = torch.from_numpy(np.ascontiguousarray(prepared.image[box]))[None, None]
-    distance = torch.from_numpy(np.ascontiguousarray(prepared.distance[(slice(None), *box)]))[None]
-    window = SlidingWindowSettings(roi_size=loaded.metadata.patch_size, overlap=0.25)
-    probs = predict_probabilities(
-        loaded.model, image, distance, window=window, steps=steps, seed=seed, device=device,
+    probs = predict_volume(
+        loaded.model, prepared.image[box], prepared.distance[(slice(None), *box)],
+        patch_size=loaded.metadata.patch_size, steps=steps, seed=seed, device=device,
         progress=progress,
-    )[0]
+    )
     offset = np.eye(4)
     offset[:3, 3] = [s.start for s in box]
     return probs, prepared.affine @ offset
@@ -311,6 +306,13 @@ def run_participant(config: RunConfig) -> int:
     )
     loaded = load_model(config.model)
     atlas = resolve_atlas(config.atlas)
+    trained_with = loaded.metadata.atlas.get("name")
+    if trained_with and trained_with != atlas.name:
+        log.warning(
+            "the model's distance field was built from atlas %s but this run uses %s; pass "
+            "--atlas with the model's atlas for results like its validation", trained_with,
+            atlas.name,
+        )
     try:
         device = resolve_device(config.device)
     except RuntimeError as exc:

@@ -38,7 +38,14 @@ import numpy as np
 from bids_cadiff.cli.parser import _OneLineParser
 from bids_cadiff.cli.run import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, setup_logging
 from bids_cadiff.errors import InputError, UsageError
-from bids_cadiff.labels import ASEG_MERGE, SYNTHSEG32, Label, LabelTable
+from bids_cadiff.labels import (
+    ASEG_MERGE,
+    ASEG_MIDLINE_WM,
+    SYNTHSEG32,
+    Label,
+    LabelTable,
+    aseg_to_table_values,
+)
 
 if TYPE_CHECKING:
     from bids_cadiff.evaluation.report import ImageScores
@@ -255,10 +262,18 @@ def _check_same_grid(
 
 
 def _to_index(
-    values: np.ndarray, table: LabelTable, merge: dict[int, int], path: Path, what: str
+    values: np.ndarray, table: LabelTable, merge: dict[int, int], path: Path, what: str,
+    affine: np.ndarray,
 ) -> np.ndarray:
-    """Map label values to table indices, logging the values that become background."""
+    """Map label values to table indices, logging the values that become background.
+
+    With FreeSurfer's merge, midline and bilateral white matter (corpus callosum, WM
+    hypointensities) go to left or right white matter by side, as in training
+    (:func:`bids_cadiff.labels.aseg_to_table_values`).
+    """
     known = set(table.values) | set(merge)
+    if merge == ASEG_MERGE:
+        known |= set(ASEG_MIDLINE_WM)
     low, high = int(values.min(initial=0)), int(values.max(initial=0))
     if low >= 0 and high < 1_000_000:  # bincount: one pass, no sort
         counts = np.bincount(values.ravel(), minlength=high + 1)
@@ -274,6 +289,8 @@ def _to_index(
             "%s %s: values not in the label table counted as background {value: voxels}: %s",
             what, path.name, dropped,
         )
+    if merge == ASEG_MERGE:
+        return table.value_to_index(aseg_to_table_values(values, affine, table))
     return table.value_to_index(values, merge=merge)
 
 
@@ -328,8 +345,8 @@ def evaluate_directories(
             pred, pred_affine, _ = _load_label_map(pred_path)
             ref, ref_affine, spacing = _load_label_map(ref_path)
             _check_same_grid(pred_path, pred.shape, pred_affine, ref_path, ref.shape, ref_affine)
-            pred_idx = _to_index(pred, table, merge, pred_path, "prediction")
-            ref_idx = _to_index(ref, table, merge, ref_path, "reference")
+            pred_idx = _to_index(pred, table, merge, pred_path, "prediction", pred_affine)
+            ref_idx = _to_index(ref, table, merge, ref_path, "reference", ref_affine)
             del pred, ref
             by_index = evaluate_pair(
                 pred_idx, ref_idx, labels=labels, spacing=spacing, nsd_tolerance_mm=nsd_tolerance_mm

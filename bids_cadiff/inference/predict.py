@@ -144,3 +144,54 @@ def predict_ensemble(
     consensus = mean.argmax(dim=1, keepdim=True).to(torch.int16)
     disagreement = torch.stack([(lab != consensus).float() for lab in labels]).mean(dim=0)
     return mean, disagreement
+
+
+def predict_volume(
+    model: CADiff,
+    image: "np.ndarray",
+    distance: "np.ndarray | None",
+    *,
+    patch_size: Sequence[int],
+    steps: int = 5,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    slice_axis: int = 2,
+    overlap: float = 0.25,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Class probabilities of a whole prepared volume, with a 3D model or slice by slice in 2D.
+
+    Args:
+        model: the CA-Diff model (2D or 3D), eval mode.
+        image: ``(X, Y, Z)`` normalised image.
+        distance: ``(3, X, Y, Z)`` distance field (``None`` in ``diffusion`` mode).
+        patch_size: sliding-window size (2 or 3 values, as the model).
+        steps: DDIM steps; seed: sampling seed (2D: slice ``i`` uses ``seed + i``).
+        device: where the network runs.
+        slice_axis: 2D models: the axis slices are taken along (2: axial in RAS).
+        overlap: sliding-window overlap.
+        progress: tqdm bar (over windows in 3D, over slices in 2D).
+
+    Returns:
+        ``(C, X, Y, Z)`` float32 probabilities on the CPU.
+    """
+    import numpy as np
+    from tqdm import tqdm
+
+    window = SlidingWindowSettings(roi_size=tuple(int(p) for p in patch_size), overlap=overlap)
+    dist_t = None if distance is None else torch.from_numpy(np.ascontiguousarray(distance))
+    if model.model_config.spatial_dims == 3:
+        return predict_probabilities(
+            model, torch.from_numpy(np.ascontiguousarray(image))[None, None],
+            None if dist_t is None else dist_t[None], window=window, steps=steps, seed=seed,
+            device=device, progress=progress,
+        )[0]
+    img = torch.from_numpy(np.ascontiguousarray(image)).movedim(slice_axis, 0)
+    dist = None if dist_t is None else dist_t.movedim(1 + slice_axis, 1)
+    out = torch.zeros((model.num_classes, *img.shape), dtype=torch.float32)
+    for i in tqdm(range(img.shape[0]), desc="slices", disable=not progress):
+        out[:, i] = predict_probabilities(
+            model, img[i][None, None], None if dist is None else dist[:, i][None],
+            window=window, steps=steps, seed=seed + i, device=device,
+        )[0]
+    return out.movedim(1, 1 + slice_axis).contiguous()

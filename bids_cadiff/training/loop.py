@@ -47,7 +47,7 @@ import torch
 from tqdm import tqdm
 
 from bids_cadiff.inference.checkpoint import ModelMetadata, load_checkpoint, save_checkpoint
-from bids_cadiff.inference.predict import SlidingWindowSettings, predict_probabilities
+from bids_cadiff.inference.predict import predict_volume
 from bids_cadiff.io.atomic import atomic_path
 from bids_cadiff.models.diffusion import CADiff
 from bids_cadiff.training.data import PatchDataset, TrainingItem
@@ -353,29 +353,14 @@ def predict_indices(
     Returns:
         ``(X, Y, Z)`` int16 argmax channel indices.
     """
-    window = SlidingWindowSettings(roi_size=tuple(int(p) for p in patch_size), overlap=overlap)
     was_training = model.training
     model.eval()
     try:
-        if model.model_config.spatial_dims == 3:
-            probs = predict_probabilities(
-                model, torch.from_numpy(np.ascontiguousarray(image))[None, None],
-                torch.from_numpy(np.ascontiguousarray(distance))[None],
-                window=window, steps=steps, seed=seed, device=device,
-            )
-            return probs[0].argmax(0).numpy().astype(np.int16)
-        out = np.zeros(image.shape, dtype=np.int16)
-        img = np.moveaxis(image, slice_axis, 0)
-        dist = np.moveaxis(distance, 1 + slice_axis, 1)
-        out_view = np.moveaxis(out, slice_axis, 0)
-        for i in range(img.shape[0]):
-            probs = predict_probabilities(
-                model, torch.from_numpy(np.ascontiguousarray(img[i]))[None, None],
-                torch.from_numpy(np.ascontiguousarray(dist[:, i]))[None],
-                window=window, steps=steps, seed=seed + i, device=device,
-            )
-            out_view[i] = probs[0].argmax(0).numpy()
-        return out
+        probs = predict_volume(
+            model, image, distance, patch_size=patch_size, steps=steps, seed=seed,
+            device=device, slice_axis=slice_axis, overlap=overlap,
+        )
+        return probs.argmax(0).numpy().astype(np.int16)
     finally:
         model.train(was_training)
 

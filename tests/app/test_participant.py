@@ -2,70 +2,27 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 from bids_cadiff.cli.run import main
-from bids_cadiff.inference.checkpoint import ModelMetadata, save_checkpoint
 from bids_cadiff.labels import SYNTHSEG32, LabelTable
-from bids_cadiff.models.config import DiffusionConfig, ModelConfig
-from bids_cadiff.models.diffusion import CADiff
-from tests.registration.conftest import make_phantom
 
 TABLE = LabelTable(SYNTHSEG32.entries[:4])
 
 
-def _write_t1w(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(data, affine), path)
+@pytest.fixture(scope="module")
+def dataset(phantom_app_inputs) -> tuple[Path, Path]:
+    return phantom_app_inputs["bids"], phantom_app_inputs["atlas"]
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = CADiff(
-        ModelConfig(spatial_dims=3, num_classes=4, channels=(4, 8), time_embed_dim=16),
-        DiffusionConfig(sampling_steps=2),
-    )
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_checkpoint(
-        path, model,
-        ModelMetadata(name="tiny", labels=TABLE, normalization={"method": "percentile"},
-                      voxel_size=(4.0, 4.0, 4.0), patch_size=(24, 24, 24)),
-    )
-    return path
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("bids")
-    (root / "dataset_description.json").write_text(
-        json.dumps({"Name": "phantoms", "BIDSVersion": "1.10.0"})
-    )
-    atlas_dir = tmp_path_factory.mktemp("atlas")
-    data, brain, affine = make_phantom(skull=True)
-    nib.save(nib.Nifti1Image(data, affine), atlas_dir / "phantom.nii.gz")
-    nib.save(nib.Nifti1Image(brain.astype(np.uint8), affine), atlas_dir / "phantom_brain.nii.gz")
-    head, _, aff = make_phantom(skull=True, shift_mm=(3, -4, 2), scale=1.05, intensity_scale=37)
-    _write_t1w(root / "sub-01" / "anat" / "sub-01_T1w.nii.gz", head, aff)
-    stripped, _, aff = make_phantom(skull=False, shift_mm=(-2, 3, 0), scale=0.95)
-    # an anisotropic, LPS-ordered grid: outputs must come back on exactly this grid
-    flip = np.diag([-1.0, -1.0, 1.0, 1.0]) @ aff
-    _write_t1w(root / "sub-02" / "ses-1" / "anat" / "sub-02_ses-1_T1w.nii.gz",
-               stripped[::-1, ::-1, :].copy(), flip)
-    bad = root / "sub-03" / "anat" / "sub-03_T1w.nii.gz"
-    bad.parent.mkdir(parents=True)
-    good_bytes = gzip.compress(nib.Nifti1Image(head, aff).to_bytes())
-    bad.write_bytes(good_bytes[: len(good_bytes) // 3])  # truncated
-    _write_t1w(root / "sub-04" / "anat" / "sub-04_T1w.nii.gz",
-               np.full(head.shape, np.nan, np.float32), aff)
-    return root, atlas_dir / "phantom.nii.gz"
+def tiny_model(phantom_app_inputs) -> Path:
+    return phantom_app_inputs["model"]
 
 
 def _run(dataset, tiny_model, out: Path, *extra: str) -> int:

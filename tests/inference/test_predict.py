@@ -57,3 +57,23 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="--device cpu"):
             resolve_device("cuda")
+
+
+def test_predict_volume_2d_model_slice_by_slice():
+    from bids_cadiff.inference.predict import predict_volume
+
+    torch.manual_seed(0)
+    model = CADiff(
+        ModelConfig(spatial_dims=2, num_classes=3, channels=(4, 8), time_embed_dim=16),
+        DiffusionConfig(),
+    ).eval()
+    image, dist, _ = nested_shapes(1, 10)
+    probs = predict_volume(model, image[0, 0].numpy(), dist[0].numpy(), patch_size=(8, 8),
+                           steps=2, seed=3, slice_axis=1)
+    assert probs.shape == (3, 10, 10, 10)
+    torch.testing.assert_close(probs.sum(0), torch.ones(10, 10, 10), atol=1e-4, rtol=1e-4)
+    # slice i along axis 1 is the 2D prediction of that slice with seed 3 + i
+    window = SlidingWindowSettings(roi_size=(8, 8))
+    one = predict_probabilities(model, image[:, :, :, 4], dist[:, :, :, 4], window=window,
+                                steps=2, seed=7)
+    torch.testing.assert_close(probs[:, :, 4], one[0])
