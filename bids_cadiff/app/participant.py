@@ -38,6 +38,7 @@ from bids_cadiff.inference.checkpoint import LoadedModel, load_checkpoint
 from bids_cadiff.inference.predict import predict_volume, resolve_device
 from bids_cadiff.inference.resample import probabilities_to_grid
 from bids_cadiff.io.nifti import load_t1w
+from bids_cadiff.reports.overlay import overlay_png
 from bids_cadiff.registration.ants import Registration, register_atlas, warp_distance_field
 from bids_cadiff.registration.atlas import AtlasSpec, atlas_distance_field, resolve_atlas
 
@@ -236,12 +237,7 @@ def process_record(
     deriv.write_volumes_tsv(
         deriv.volumes_path(out, entities), deriv.compute_volumes(labels, voxel_mm3, table), entities
     )
-    try:
-        from bids_cadiff.reports.overlay import overlay_png
-
-        overlay_png(t1, labels, table, deriv.figure_path(out, entities), title=record.path.name)
-    except ImportError:  # matplotlib is optional at run time
-        log.warning("matplotlib is not installed: no overlay picture for %s", record.path.name)
+    overlay_png(t1, labels, table, deriv.figure_path(out, entities))
     timings["writing"] = time.perf_counter() - write_start
     reg = prepared.registration
     sidecar = deriv.dseg_sidecar(
