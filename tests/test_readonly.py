@@ -124,7 +124,13 @@ def run_readonly(
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPYCACHEPREFIX"}
     env.update(FIXED_ENV)
     env["TMPDIR"] = str(tmp)
+    # matplotlib (imported by MONAI and antspyx) builds its font cache in MPLCONFIGDIR and, when
+    # that is not writable, in a temporary dir of its own; running as root here, "not writable"
+    # cannot be made, so MPLCONFIGDIR goes under TMPDIR as in the container (Dockerfile ENV).
+    env["MPLCONFIGDIR"] = str(tmp / "matplotlib")
     for var in CACHE_VARS:
+        if var == "MPLCONFIGDIR":
+            continue
         path = readonly if var == "HOME" else readonly / ".cache" / var.lower()
         path.mkdir(parents=True, exist_ok=True)
         env[var] = str(path)
