@@ -130,10 +130,20 @@ class RunConfig:
         return cls(**kwargs)
 
     def write_toml(self, path: str | Path) -> Path:
-        """Write :meth:`to_toml` to ``path`` (parent directories are created)."""
+        """Write :meth:`to_toml` to ``path`` atomically (parent directories are created)."""
+        import os
+        import tempfile
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_toml(), encoding="utf-8")
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".toml", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(self.to_toml())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         return path
 
 

@@ -64,7 +64,7 @@ def _t1w_name(subject: str, session: str | None, ents: Mapping[str, str]) -> str
     parts = [f"sub-{subject}"]
     if session is not None:
         parts.append(f"ses-{session}")
-    for key in ("acq", "ce", "rec", "run"):
+    for key in ("acq", "ce", "rec", "run", "echo", "part"):
         if key in ents:
             parts.append(f"{key}-{ents[key]}")
     return "_".join(parts) + "_T1w.nii.gz"

@@ -213,7 +213,7 @@ def test_dockerignore() -> None:
     for path in (".venv/bin/python", "demo/bids", "work/x", ".git/HEAD",
                  "bids_cadiff/__pycache__/x.pyc", "bids_cadiff/models/__pycache__/y.pyc"):
         assert _ignored(path, patterns), path
-    for path in ("bids_cadiff/data/model.pt", "bids_cadiff/__init__.py", "scripts/install.sh",
+    for path in ("bids_cadiff/data/cadiff-default.pt", "bids_cadiff/__init__.py", "scripts/install.sh",
                  "pyproject.toml", "constraints.txt", "tests/test_containers.py",
                  "Dockerfile", ".circleci/config.yml", "scripts/slurm/cadiff_array.sbatch"):
         assert not _ignored(path, patterns), path

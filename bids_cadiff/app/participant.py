@@ -329,7 +329,11 @@ def run_participant(config: RunConfig) -> int:
     workers = min(workers, len(todo))
 
     def report(record: T1wRecord, outcome: dict[str, float] | BaseException) -> None:
-        if isinstance(outcome, CadiffError):
+        if type(outcome).__name__ == "BrokenProcessPool":
+            log.error("FAILED %s: a worker process died (out of memory?); rerun with fewer "
+                      "--nprocs or more memory: finished images are kept", record.path)
+            failures.append((record.path, "worker process died"))
+        elif isinstance(outcome, CadiffError):
             log.error("FAILED %s", outcome)
             failures.append((record.path, str(outcome)))
         elif isinstance(outcome, BaseException):

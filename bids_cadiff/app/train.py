@@ -36,6 +36,7 @@ import numpy as np
 from bids_cadiff import __version__
 from bids_cadiff.config import dumps_toml
 from bids_cadiff.errors import InputError, UsageError
+from bids_cadiff.io.atomic import atomic_write
 from bids_cadiff.labels import ASEG_MERGE, SYNTHSEG32, LabelTable
 from bids_cadiff.models.config import DiffusionConfig, ModelConfig
 from bids_cadiff.training.loop import LoopSettings, TrainResult, latest_checkpoint
@@ -497,7 +498,7 @@ def run_training(
         if ctx.is_main:
             _log_unknown_values(data.labels_dir, table, merge)
             output_dir.mkdir(parents=True, exist_ok=True)
-            (output_dir / CONFIG_NAME).write_text(config.to_toml(), encoding="utf-8")
+            atomic_write(output_dir / CONFIG_NAME, config.to_toml())
         if ctx.distributed:  # share out the registrations, then everyone reads the cache
             prepare_items(pairs, config=config, table=table, merge=merge, atlas=atlas,
                           work_dir=work_dir, rank=ctx.rank, world_size=ctx.world_size)

@@ -48,8 +48,12 @@ SOURCE_ENTITIES: tuple[tuple[str, str], ...] = (
     ("subject", "sub"),
     ("session", "ses"),
     ("acquisition", "acq"),
+    ("ceagent", "ce"),
     ("reconstruction", "rec"),
     ("run", "run"),
+    ("echo", "echo"),
+    ("part", "part"),
+    ("chunk", "chunk"),
 )
 
 #: BIDS "Common image-derived labels": abbreviation -> integer value (``mapping`` column).
@@ -634,8 +638,12 @@ ENTITY_COLUMNS: tuple[str, ...] = (
     "participant_id",
     "session_id",
     "acquisition",
+    "ceagent",
     "reconstruction",
     "run",
+    "echo",
+    "part",
+    "chunk",
 )
 
 _ENTITY_DESCRIPTIONS: dict[str, str] = {
@@ -644,6 +652,10 @@ _ENTITY_DESCRIPTIONS: dict[str, str] = {
     "acquisition": "acq entity of the source T1w.",
     "reconstruction": "rec entity of the source T1w.",
     "run": "run entity of the source T1w.",
+    "ceagent": "ce entity (contrast agent) of the source T1w.",
+    "echo": "echo entity of the source T1w.",
+    "part": "part entity (magnitude/phase...) of the source T1w.",
+    "chunk": "chunk entity of the source T1w.",
 }
 
 

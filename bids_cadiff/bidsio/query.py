@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from bids_cadiff.bidsio.derivatives import SOURCE_ENTITIES, source_prefix
 from bids_cadiff.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
 #: PyBIDS entity names kept on a record, in BIDS file-name order.
-RECORD_ENTITIES: tuple[str, ...] = ("subject", "session", "acquisition", "reconstruction", "run")
+RECORD_ENTITIES: tuple[str, ...] = tuple(long for long, _ in SOURCE_ENTITIES)
 #: Top-level folders of a raw dataset that never hold inputs.
 _SKIPPED_DIRS = ("derivatives", "sourcedata", "code", "models", "stimuli")
 #: Seconds after which the BIDS validator is abandoned.
@@ -224,6 +225,15 @@ def find_t1w(
             entities["run"] = _run_label(bids_file.filename) or entities["run"]
         records.append(T1wRecord(Path(bids_file.path), entities))
     records.sort(key=lambda r: str(r.path))
+    seen: dict[str, Path] = {}
+    for record in records:
+        key = source_prefix(record.entities)
+        if key in seen:
+            raise UsageError(
+                f"{seen[key]} and {record.path} would get the same output name ({key}_desc-"
+                "cadiff_dseg.nii.gz); keep one of them, or select one with --bids-filter-file"
+            )
+        seen[key] = record.path
     if not records:
         selection = []
         if wanted_subjects:

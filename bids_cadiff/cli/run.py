@@ -7,6 +7,7 @@ returned by the app); 2 usage error (one line on stderr); 130 interrupted (Ctrl-
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import uuid
 from datetime import datetime
@@ -14,7 +15,7 @@ from typing import Sequence
 
 from bids_cadiff import CODE_URL, __version__
 from bids_cadiff.config import RunConfig
-from bids_cadiff.errors import UsageError
+from bids_cadiff.errors import CadiffError, UsageError
 
 logger = logging.getLogger("bids_cadiff.cli")
 
@@ -48,12 +49,14 @@ def setup_logging(verbosity: int) -> None:
 
 
 def set_threads(omp_nthreads: int) -> None:
-    """Limit torch's intra-op threads to ``omp_nthreads`` (torch is imported here, lazily).
+    """Limit torch's intra-op threads and ITK's (ANTs) threads to ``omp_nthreads``.
 
-    ``OMP_NUM_THREADS`` / ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` are not changed here (this
-    function never mutates :data:`os.environ`); the participant pipeline passes thread counts
-    to ANTs explicitly from the configuration.
+    torch is imported here, lazily. ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` is set unless the
+    user set it: ITK reads nothing else. Worker processes set their own (participant level).
     """
+    # ITK (ANTs registration, N4) reads its thread count only from the environment, once; the
+    # CLI owns this process, so it sets the variable here, before antspyx is first imported.
+    os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(omp_nthreads))
     try:
         import torch
     except ImportError:  # group level works without torch
@@ -129,6 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(config)
     except UsageError as exc:
         return _usage_error(str(exc))
+    except CadiffError as exc:  # a known failure outside the per-image loop: no traceback
+        logger.error("%s", exc)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         logger.warning("interrupted")
         return EXIT_INTERRUPTED

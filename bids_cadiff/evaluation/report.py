@@ -172,9 +172,11 @@ def write_tsv(table: pd.DataFrame, path: str | Path) -> Path:
 
     Creates the parent directory. Returns the path written.
     """
+    from bids_cadiff.io.atomic import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(path, sep="\t", index=False, na_rep="n/a", float_format="%.6g")
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, sep="\t", index=False, na_rep="n/a", float_format="%.6g")
     return path
 
 

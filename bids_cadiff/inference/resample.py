@@ -32,7 +32,6 @@ def probabilities_to_grid(
     Returns:
         ``(X', Y', Z')`` int16 channel indices; 0 (background) outside the source grid.
     """
-    channels = probs.shape[0]
     src_shape = np.asarray(probs.shape[1:], dtype=np.float64)
     dst_to_src = np.linalg.inv(src_affine) @ dst_affine
     vol = probs.float()[None]  # (1, C, X, Y, Z)
@@ -59,5 +58,4 @@ def probabilities_to_grid(
         labels = sampled.argmax(dim=0)
         inside = sampled.sum(dim=0) > 0.5
         out[..., kk] = torch.where(inside, labels, 0).numpy().astype(np.int16)
-    del channels
     return out

@@ -79,6 +79,11 @@ def load_t1w(path: str | Path) -> nib.Nifti1Image:
         raise InputError(
             path, f"has {bad} NaN or infinite voxels; fix the conversion or replace them by 0"
         )
+    if float(data.max()) <= 0:
+        raise InputError(
+            path, "has no positive voxels (a z-scored or inverted image?); give the raw "
+            "magnitude T1w as the scanner wrote it"
+        )
     if float(data.max()) == float(data.min()):
         raise InputError(path, f"every voxel has the same value ({float(data.max())}); no image")
     header = img.header.copy()

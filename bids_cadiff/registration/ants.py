@@ -21,7 +21,7 @@ affine/SyN). Initialisation is by centres of mass only: a head rotated by more t
 degrees is not recovered, it is rejected.
 
 Threads: ANTs reads ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS``; this module never changes the
-environment; set it (the CLI does) before the first registration to bound the thread count.
+environment; the CLI sets it from --omp-nthreads before the first registration.
 """
 
 from __future__ import annotations

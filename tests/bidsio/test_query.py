@@ -127,3 +127,30 @@ def test_validate_without_validator(dataset, monkeypatch, caplog):
     monkeypatch.setattr("bids_cadiff.bidsio.query.find_validator", lambda: None)
     validate_dataset(dataset)
     assert "not found" in caplog.text
+
+
+def test_contrast_and_echo_entities_keep_outputs_apart(bids_skeleton, tmp_path):
+    from bids_cadiff.bidsio.derivatives import dseg_path
+    from bids_cadiff.bidsio.query import find_t1w
+
+    raw = bids_skeleton({"01": [{}, {"ce": "gad"}, {"echo": "1"}, {"echo": "2"}]})
+    records = find_t1w(raw)
+    assert len(records) == 4
+    names = {dseg_path(tmp_path, r.entities).name for r in records}
+    assert names == {
+        "sub-01_desc-cadiff_dseg.nii.gz", "sub-01_ce-gad_desc-cadiff_dseg.nii.gz",
+        "sub-01_echo-1_desc-cadiff_dseg.nii.gz", "sub-01_echo-2_desc-cadiff_dseg.nii.gz",
+    }
+
+
+def test_two_files_with_one_output_name_are_a_usage_error(bids_skeleton):
+    import gzip
+
+    from bids_cadiff.bidsio.query import find_t1w
+    from bids_cadiff.errors import UsageError
+
+    raw = bids_skeleton({"01": [{}]})
+    anat = raw / "sub-01" / "anat"
+    (anat / "sub-01_T1w.nii").write_bytes(gzip.decompress((anat / "sub-01_T1w.nii.gz").read_bytes()))
+    with pytest.raises(UsageError, match="same output name"):
+        find_t1w(raw)
