@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +33,7 @@ import torch
 
 from bids_cadiff import __version__
 from bids_cadiff.errors import CheckpointError
+from bids_cadiff.io.atomic import atomic_path
 from bids_cadiff.labels import LabelTable
 from bids_cadiff.models.config import DiffusionConfig, ModelConfig
 from bids_cadiff.models.diffusion import CADiff
@@ -156,15 +155,8 @@ def save_checkpoint(
     if extra:
         payload["extra"] = dict(extra)
     payload["sha256"] = _content_hash(payload)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
     return str(payload["sha256"])
 
 
