@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=REPO / "work" / "evaluate")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "model_card_scores.tsv")
     parser.add_argument("--no-multiatlas", action="store_true")
+    parser.add_argument("--no-cadiff", action="store_true", help="only the multi-atlas baseline")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -76,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         ref_values = aseg_to_table_values(np.asarray(aseg.dataobj), aseg.affine, table)
         ref_idx = table.value_to_index(ref_values)
         zooms = tuple(float(z) for z in aseg.header.get_zooms()[:3])
-        for method, fname in (("CA-Diff (skull on)", "T1.mgz"), ("CA-Diff (skull off)", "brainmask.mgz")):
+        cadiff_inputs = () if args.no_cadiff else (
+            ("CA-Diff (skull on)", "T1.mgz"), ("CA-Diff (skull off)", "brainmask.mgz"))
+        for method, fname in cadiff_inputs:
             t1 = load_t1w(FSTD / subject / fname)
             values, _, _ = segment_t1w(
                 t1, loaded, atlas=atlas, steps=5, seed=0, device=torch.device("cpu"),

@@ -125,10 +125,11 @@ def prepare(work: Path) -> list[Path]:
 class PatchSampler:
     """Draws training patches; all randomness from one seeded numpy generator (checkpointed)."""
 
-    def __init__(self, files: list[Path], seed: int) -> None:
+    def __init__(self, files: list[Path], seed: int, balanced: bool = False) -> None:
         self.items = [dict(np.load(f)) for f in files]
         self.names = [f.stem for f in files]
         self.rng = np.random.default_rng(seed)
+        self.balanced = balanced
 
     def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         from bids_cadiff.imaging.preprocess import normalise_intensity
@@ -138,7 +139,11 @@ class PatchSampler:
         rng = self.rng
         item = self.items[int(rng.integers(len(self.items)))]
         values = item["values"]
-        fg = np.argwhere(values > 0)
+        if self.balanced:  # class-balanced: a structure uniformly, then one of its voxels
+            present = np.unique(values[values > 0])
+            fg = np.argwhere(values == present[int(rng.integers(len(present)))])
+        else:
+            fg = np.argwhere(values > 0)
         centre = fg[int(rng.integers(len(fg)))] + rng.integers(-8, 9, size=3)
         lo = np.clip(centre - np.array(PATCH) // 2, 0, np.maximum(np.array(values.shape) - PATCH, 0))
         box = tuple(slice(int(a), int(a) + p) for a, p in zip(lo, PATCH))
@@ -162,7 +167,9 @@ class PatchSampler:
         return image, distance, labels
 
 
-def train(work: Path, files: list[Path], iterations: int, batch: int, lr: float, seed: int) -> Path:
+def train(work: Path, files: list[Path], iterations: int, batch: int, lr: float, seed: int,
+          *, phase: str = "", init: Path | None = None, balanced: bool = False) -> Path:
+    """One training phase; ``init``: start from the weights of a finished phase's state."""
     from monai.transforms import RandAffined
 
     from bids_cadiff.models.config import DiffusionConfig, ModelConfig
@@ -170,16 +177,18 @@ def train(work: Path, files: list[Path], iterations: int, batch: int, lr: float,
 
     torch.manual_seed(seed)
     model = CADiff(ModelConfig.from_dict(MODEL), DiffusionConfig.from_dict(DIFFUSION))
+    if init is not None:
+        model.load_state_dict(torch.load(init, weights_only=False)["model"])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=iterations, pct_start=0.05)
-    sampler = PatchSampler(files, seed)
+    sampler = PatchSampler(files, seed, balanced=balanced)
     affine = RandAffined(
         keys=["image", "distance", "labels"], prob=0.7, rotate_range=[0.17] * 3,
         scale_range=[0.1] * 3, mode=["bilinear", "bilinear", "nearest"], padding_mode="zeros",
     )
     affine.set_random_state(seed)
     gen = torch.Generator().manual_seed(seed)
-    state_path = work / "train_state.pt"
+    state_path = work / f"train_state{phase}.pt"
     start_it = 0
     if state_path.is_file():
         state = torch.load(state_path, weights_only=False)
@@ -192,7 +201,7 @@ def train(work: Path, files: list[Path], iterations: int, batch: int, lr: float,
         torch.set_rng_state(state["torch_rng"])
         start_it = state["iteration"]
         log.info("resumed at iteration %d", start_it)
-    log_path = work / "train_log.tsv"
+    log_path = work / f"train_log{phase}.tsv"
     if not log_path.exists():
         log_path.write_text("iteration\tseconds\tloss\tdice_ce\tmse\tsac\tlr\n")
     model.train()
@@ -236,20 +245,27 @@ def export(work: Path, dest: Path, files: list[Path], iterations: int, args: arg
     from bids_cadiff.models.diffusion import CADiff
     from bids_cadiff.registration.atlas import resolve_atlas
 
-    state = torch.load(work / "train_state.pt", weights_only=False)
+    phases = [p for p in ("", "_phase2") if (work / f"train_state{p}.pt").is_file()]
+    state = torch.load(work / f"train_state{phases[-1]}.pt", weights_only=False)
     model = CADiff(ModelConfig.from_dict(MODEL), DiffusionConfig.from_dict(DIFFUSION))
     model.load_state_dict(state["model"])
     atlas = resolve_atlas(None)
-    log_lines = (work / "train_log.tsv").read_text().strip().splitlines()
-    hours = float(log_lines[-1].split("\t")[1]) / 3600 if len(log_lines) > 1 else 0.0
+    hours, total_iterations = 0.0, 0
+    for p in phases:
+        log_lines = (work / f"train_log{p}.tsv").read_text().strip().splitlines()
+        hours += float(log_lines[-1].split("\t")[1]) / 3600 if len(log_lines) > 1 else 0.0
+        total_iterations += len(log_lines) - 1
     meta = ModelMetadata(
         name="cadiff-default", labels=SYNTHSEG32, normalization=NORMALIZATION,
         voxel_size=VOXEL, patch_size=PATCH,
         atlas={"name": atlas.name, "source": atlas.description},
         training={
-            "recipe": "scripts/train_default_model.py " + " ".join(sys.argv[1:]),
-            "data": [f.stem for f in files], "iterations": state["iteration"],
-            "hours_last_session": round(hours, 2), "hardware": platform.processor() or platform.machine(),
+            "recipe": "python scripts/train_default_model.py"
+            + (f" --holdout {args.holdout}" if args.holdout else ""),
+            "data": [f.stem for f in files], "iterations": total_iterations,
+            "phases": {"uniform patches, OneCycle lr": args.iterations,
+                       "class-balanced patches, OneCycle lr/2": args.phase2_iterations},
+            "hours": round(hours, 2), "hardware": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "batch_size": args.batch, "lr": args.lr,
             "seed": args.seed, "holdout": args.holdout,
         },
@@ -262,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=REPO / "work" / "default_model")
     parser.add_argument("--iterations", type=int, default=2500)
+    parser.add_argument("--phase2-iterations", type=int, default=1400,
+                        help="second phase: class-balanced patches, fresh schedule at lr/2")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
@@ -280,7 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     held = {f"fstd-{h.strip()}" for h in args.holdout.split(",") if h.strip()}
     files = [f for f in files if f.stem not in held]
     if args.stage in ("all", "train"):
-        train(args.work, files, args.iterations, args.batch, args.lr, args.seed)
+        first = train(args.work, files, args.iterations, args.batch, args.lr, args.seed)
+        if args.phase2_iterations:
+            train(args.work, files, args.phase2_iterations, args.batch, args.lr / 2, args.seed + 1,
+                  phase="_phase2", init=first, balanced=True)
     if args.stage in ("all", "export"):
         export(args.work, args.output, files, args.iterations, args)
     return 0

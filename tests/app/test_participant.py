@@ -95,3 +95,24 @@ def test_model_that_is_not_a_checkpoint_is_a_usage_error(dataset, tmp_path, caps
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith("bids_cadiff: error:") and "model.pt" in last
+
+
+@pytest.mark.slow
+def test_app_runs_with_a_checkpoint_from_cadiff_train(tmp_path):
+    """cadiff-train on a generated labelled BIDS dataset, then the app with ``--model``."""
+    from bids_cadiff.cli.train import main as train_main
+    from tests.training.synthetic import TINY_ARGS, make_labelled_dataset
+
+    bids, labels, atlas = make_labelled_dataset(tmp_path, subjects=("01", "02"))
+    model_dir = tmp_path / "model"
+    assert train_main([str(bids), str(labels), str(model_dir), "--atlas", str(atlas),
+                       "--iterations", "2", "--val-every", "0", *TINY_ARGS]) == 0
+    out = tmp_path / "out"
+    assert main([str(bids), str(out), "participant", "--model", str(model_dir / "model.pt"),
+                 "--atlas", str(atlas), "-w", str(tmp_path / "work"), "--skip-bids-validation",
+                 "--participant-label", "01"]) == 0
+    seg = nib.load(out / "sub-01" / "anat" / "sub-01_desc-cadiff_dseg.nii.gz")
+    t1 = nib.load(bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz")
+    assert seg.shape == t1.shape
+    sidecar = json.loads((out / "sub-01/anat/sub-01_desc-cadiff_dseg.json").read_text())
+    assert sidecar["Model"]["SHA256"] and sidecar["SamplingSteps"] == 5
