@@ -98,15 +98,32 @@ def test_model_that_is_not_a_checkpoint_is_a_usage_error(dataset, tmp_path, caps
 
 
 @pytest.mark.slow
-def test_app_runs_with_a_checkpoint_from_cadiff_train(tmp_path):
-    """cadiff-train on a generated labelled BIDS dataset, then the app with ``--model``."""
+def test_app_runs_with_a_checkpoint_from_cadiff_train(phantom_app_inputs, tmp_path):
+    """cadiff-train on a labelled BIDS dataset of phantom heads, then the app with ``--model``."""
     from bids_cadiff.cli.train import main as train_main
-    from tests.training.synthetic import TINY_ARGS, make_labelled_dataset
+    from tests.registration.conftest import make_phantom
+    from tests.training.synthetic import TINY_ARGS
 
-    bids, labels, atlas = make_labelled_dataset(tmp_path, subjects=("01", "02"))
+    bids, labels = tmp_path / "bids", tmp_path / "labels"
+    bids.mkdir()
+    labels.mkdir()
+    (bids / "dataset_description.json").write_text(
+        json.dumps({"Name": "phantoms", "BIDSVersion": "1.10.0"}))
+    (labels / "dataset_description.json").write_text(json.dumps(
+        {"Name": "phantom labels", "BIDSVersion": "1.10.0", "DatasetType": "derivative",
+         "GeneratedBy": [{"Name": "test"}]}))
+    for sub, shift in (("01", (2, -3, 1)), ("02", (-3, 2, 0))):
+        head, brain, aff = make_phantom(skull=True, shift_mm=shift, intensity_scale=9)
+        values = np.where(brain, 2, 0).astype(np.int16)  # "white matter"...
+        values[brain & (head < 25 * 9)] = 4  # ...and "lateral ventricles"
+        for root, name, data in ((bids, "T1w", head), (labels, "desc-manual_dseg", values)):
+            (root / f"sub-{sub}" / "anat").mkdir(parents=True)
+            nib.save(nib.Nifti1Image(data, aff), root / f"sub-{sub}/anat/sub-{sub}_{name}.nii.gz")
+    atlas = phantom_app_inputs["atlas"]
     model_dir = tmp_path / "model"
     assert train_main([str(bids), str(labels), str(model_dir), "--atlas", str(atlas),
-                       "--iterations", "2", "--val-every", "0", *TINY_ARGS]) == 0
+                       "--iterations", "2", "--val-every", "0", *TINY_ARGS,
+                       "--labels", "synthseg32"]) == 0
     out = tmp_path / "out"
     assert main([str(bids), str(out), "participant", "--model", str(model_dir / "model.pt"),
                  "--atlas", str(atlas), "-w", str(tmp_path / "work"), "--skip-bids-validation",
