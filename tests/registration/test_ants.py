@@ -135,8 +135,10 @@ def test_skull_on_and_off_give_same_field(tmp_path: Path) -> None:
                 "%.1f %% of brain voxels covered by both fields, %.2f mm on those",
                 mean_mm, diff_mm.mean(axis=1).round(2), 100 * covered.mean(),
                 float(diff_mm[:, covered].mean()))
-    # measured 0.90 mm (x 0.71, y 0.97, z 1.17), 99.9 % of brain voxels covered by both
-    assert mean_mm < 1.5
+    # Multi-threaded ANTs SyN is not bit-reproducible: measured 0.90 mm and 2.05 mm in two
+    # runs (99.9 % of brain voxels covered by both); the one-stage head registration it
+    # replaced gave 9.0 mm. The bound separates the two.
+    assert mean_mm < 2.5
     assert covered.mean() > 0.99
 
 
