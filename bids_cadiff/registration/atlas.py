@@ -20,7 +20,6 @@ Lookup order of :func:`resolve_atlas`:
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 from scipy import ndimage
 
 from bids_cadiff.errors import UsageError
+from bids_cadiff.io.hashing import file_sha256 as _file_sha256
 from bids_cadiff.imaging.distance_field import build_distance_field
 from bids_cadiff.imaging.preprocess import foreground_mask, looks_skull_stripped, to_ras
 
@@ -257,8 +257,4 @@ def atlas_distance_field(spec: AtlasSpec) -> tuple[nib.Nifti1Image, np.ndarray]:
 @functools.lru_cache(maxsize=16)
 def file_sha256(path: Path) -> str:
     """sha256 hex digest of a file's bytes (cached per process: atlas files do not change)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return _file_sha256(path)

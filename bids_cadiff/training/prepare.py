@@ -36,6 +36,7 @@ import numpy as np
 from scipy import ndimage
 
 from bids_cadiff.errors import InputError
+from bids_cadiff.io.hashing import file_sha256 as _file_sha256
 from bids_cadiff.imaging.preprocess import (
     n4_bias_correct,
     normalise_intensity,
@@ -121,13 +122,8 @@ class PreparedTrainingImage:
     label_path: Path | None = None
 
 
-def file_digest(path: Path) -> str:
-    """sha256 hex digest of a file's bytes (not cached: training inputs may change)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+#: sha256 of a file's bytes, not cached (training inputs may change).
+file_digest = _file_sha256
 
 
 def _atlas_digest(atlas: AtlasSpec) -> dict[str, str]:
