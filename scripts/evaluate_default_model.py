@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bids_cadiff.app.participant import load_model, segment_t1w
     from bids_cadiff.evaluation.metrics import evaluate_pair
-    from bids_cadiff.evaluation.multiatlas import multiatlas_segment
+    from bids_cadiff.app.multiatlas import multiatlas_segment
     from bids_cadiff.imaging.preprocess import to_ras
     from bids_cadiff.io.nifti import load_t1w
     from bids_cadiff.labels import ASEG_MERGE, SYNTHSEG32, aseg_to_table_values

@@ -41,12 +41,18 @@ log = logging.getLogger("train_default_model")
 VOXEL = (2.0, 2.0, 2.0)
 PATCH = (48, 48, 48)
 #: SynthSeg label maps used (each costs one registration to prepare).
-SYNTHSEG_MAPS = 10
+SYNTHSEG_MAPS = 20
 NORMALIZATION = {"method": "percentile", "lower": 0.5, "upper": 99.5}
 MODEL = {"spatial_dims": 3, "num_classes": 33, "channels": [16, 32, 64], "num_res_blocks": 1,
          "time_embed_dim": 64, "taca": True, "mode": "collaborative"}
 DIFFUSION = {"timesteps": 1000, "schedule": "linear", "sampling_steps": 5,
              "consistency_loss": True, "similarity": "cosine"}
+#: Phase 3: more weight on the cases inference meets (t_m = T, clean field t_d = 0) and batch
+#: Dice; see DiffusionConfig. Phases 1-2 used the paper's uniform timesteps.
+DIFFUSION_PHASE3 = {**DIFFUSION, "t_m_max_fraction": 0.5, "t_d_zero_fraction": 0.5,
+                    "batch_dice": True}
+#: Phases 1-2 used the first 10 SynthSeg maps; phase 3 all of them.
+EARLY_SYNTHSEG_MAPS = 10
 
 
 def _sources() -> list[tuple[str, Path, Path | None, Path | None]]:
@@ -125,11 +131,19 @@ def prepare(work: Path) -> list[Path]:
 class PatchSampler:
     """Draws training patches; all randomness from one seeded numpy generator (checkpointed)."""
 
-    def __init__(self, files: list[Path], seed: int, balanced: bool = False) -> None:
+    def __init__(self, files: list[Path], seed: int, balanced: bool = False,
+                 real_fraction: float | None = None, balanced_fraction: float | None = None) -> None:
+        """``real_fraction``/``balanced_fraction`` None: phases 1-2's draws (an item uniformly,
+        then a real image with probability 1/2; ``balanced`` for every patch or none). Given:
+        a real fstd image with probability ``real_fraction`` (else an image synthesised from
+        any label map), class-balanced centres with probability ``balanced_fraction``."""
         self.items = [dict(np.load(f)) for f in files]
         self.names = [f.stem for f in files]
         self.rng = np.random.default_rng(seed)
         self.balanced = balanced
+        self.real_fraction = real_fraction
+        self.balanced_fraction = balanced_fraction
+        self.real_items = [i for i, item in enumerate(self.items) if bool(item["real"])]
 
     def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         from bids_cadiff.imaging.preprocess import normalise_intensity
@@ -137,9 +151,16 @@ class PatchSampler:
         from bids_cadiff.training.synth import augment_intensity, bias_field, synthesize
 
         rng = self.rng
-        item = self.items[int(rng.integers(len(self.items)))]
+        if self.real_fraction is None:
+            item = self.items[int(rng.integers(len(self.items)))]
+            balanced = self.balanced
+        else:
+            use_real = rng.random() < self.real_fraction
+            pool = self.real_items if use_real else range(len(self.items))
+            item = self.items[int(list(pool)[int(rng.integers(len(pool)))])]
+            balanced = rng.random() < (self.balanced_fraction or 0.0)
         values = item["values"]
-        if self.balanced:  # class-balanced: a structure uniformly, then one of its voxels
+        if balanced:  # class-balanced: a structure uniformly, then one of its voxels
             present = np.unique(values[values > 0])
             fg = np.argwhere(values == present[int(rng.integers(len(present)))])
         else:
@@ -148,7 +169,10 @@ class PatchSampler:
         lo = np.clip(centre - np.array(PATCH) // 2, 0, np.maximum(np.array(values.shape) - PATCH, 0))
         box = tuple(slice(int(a), int(a) + p) for a, p in zip(lo, PATCH))
         skull = rng.random() < 0.6
-        real = bool(item["real"]) and rng.random() < 0.5
+        if self.real_fraction is None:
+            real = bool(item["real"]) and rng.random() < 0.5
+        else:
+            real = use_real
         if real:
             image = item["image"][box].astype(np.float32)
             if not skull:
@@ -168,7 +192,9 @@ class PatchSampler:
 
 
 def train(work: Path, files: list[Path], iterations: int, batch: int, lr: float, seed: int,
-          *, phase: str = "", init: Path | None = None, balanced: bool = False) -> Path:
+          *, phase: str = "", init: Path | None = None, balanced: bool = False,
+          diffusion: dict | None = None, real_fraction: float | None = None,
+          balanced_fraction: float | None = None) -> Path:
     """One training phase; ``init``: start from the weights of a finished phase's state."""
     from monai.transforms import RandAffined
 
@@ -176,12 +202,13 @@ def train(work: Path, files: list[Path], iterations: int, batch: int, lr: float,
     from bids_cadiff.models.diffusion import CADiff
 
     torch.manual_seed(seed)
-    model = CADiff(ModelConfig.from_dict(MODEL), DiffusionConfig.from_dict(DIFFUSION))
+    model = CADiff(ModelConfig.from_dict(MODEL), DiffusionConfig.from_dict(diffusion or DIFFUSION))
     if init is not None:
         model.load_state_dict(torch.load(init, weights_only=False)["model"])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=iterations, pct_start=0.05)
-    sampler = PatchSampler(files, seed, balanced=balanced)
+    sampler = PatchSampler(files, seed, balanced=balanced, real_fraction=real_fraction,
+                           balanced_fraction=balanced_fraction)
     affine = RandAffined(
         keys=["image", "distance", "labels"], prob=0.7, rotate_range=[0.17] * 3,
         scale_range=[0.1] * 3, mode=["bilinear", "bilinear", "nearest"], padding_mode="zeros",
@@ -245,9 +272,10 @@ def export(work: Path, dest: Path, files: list[Path], iterations: int, args: arg
     from bids_cadiff.models.diffusion import CADiff
     from bids_cadiff.registration.atlas import resolve_atlas
 
-    phases = [p for p in ("", "_phase2") if (work / f"train_state{p}.pt").is_file()]
+    phases = [p for p in ("", "_phase2", "_phase3") if (work / f"train_state{p}.pt").is_file()]
     state = torch.load(work / f"train_state{phases[-1]}.pt", weights_only=False)
-    model = CADiff(ModelConfig.from_dict(MODEL), DiffusionConfig.from_dict(DIFFUSION))
+    diffusion = DIFFUSION_PHASE3 if phases[-1] == "_phase3" else DIFFUSION
+    model = CADiff(ModelConfig.from_dict(MODEL), DiffusionConfig.from_dict(diffusion))
     model.load_state_dict(state["model"])
     atlas = resolve_atlas(None)
     hours, total_iterations = 0.0, 0
@@ -264,7 +292,9 @@ def export(work: Path, dest: Path, files: list[Path], iterations: int, args: arg
             + (f" --holdout {args.holdout}" if args.holdout else ""),
             "data": [f.stem for f in files], "iterations": total_iterations,
             "phases": {"uniform patches, OneCycle lr": args.iterations,
-                       "class-balanced patches, OneCycle lr/2": args.phase2_iterations},
+                       "class-balanced patches, OneCycle lr/2": args.phase2_iterations,
+                       "70% real images, half class-balanced, t_m=T / t_d=0 for half, batch "
+                       "Dice, OneCycle phase3-lr": args.phase3_iterations},
             "hours": round(hours, 2), "hardware": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "batch_size": args.batch, "lr": args.lr,
             "seed": args.seed, "holdout": args.holdout,
@@ -280,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=2500)
     parser.add_argument("--phase2-iterations", type=int, default=1400,
                         help="second phase: class-balanced patches, fresh schedule at lr/2")
+    parser.add_argument("--phase3-iterations", type=int, default=3600,
+                        help="third phase: 70%% real images, inference-weighted timesteps")
+    parser.add_argument("--phase3-lr", type=float, default=1e-3)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
@@ -293,15 +326,22 @@ def main(argv: list[str] | None = None) -> int:
     random.seed(args.seed)
     args.work.mkdir(parents=True, exist_ok=True)
     (args.work / "recipe.json").write_text(json.dumps(
-        {"argv": sys.argv[1:], "model": MODEL, "diffusion": DIFFUSION, "voxel": VOXEL, "patch": PATCH}, indent=2))
+        {"argv": sys.argv[1:], "model": MODEL, "diffusion": DIFFUSION,
+         "diffusion_phase3": DIFFUSION_PHASE3, "voxel": VOXEL, "patch": PATCH}, indent=2))
     files = prepare(args.work) if args.stage in ("all", "prepare") else sorted((args.work / "prepared").glob("*.npz"))
     held = {f"fstd-{h.strip()}" for h in args.holdout.split(",") if h.strip()}
     files = [f for f in files if f.stem not in held]
+    early = [f for f in files if not f.stem.startswith("synthseg-")
+             or int(f.stem.rsplit("_", 1)[-1]) <= EARLY_SYNTHSEG_MAPS]
     if args.stage in ("all", "train"):
-        first = train(args.work, files, args.iterations, args.batch, args.lr, args.seed)
+        last = train(args.work, early, args.iterations, args.batch, args.lr, args.seed)
         if args.phase2_iterations:
-            train(args.work, files, args.phase2_iterations, args.batch, args.lr / 2, args.seed + 1,
-                  phase="_phase2", init=first, balanced=True)
+            last = train(args.work, early, args.phase2_iterations, args.batch, args.lr / 2,
+                         args.seed + 1, phase="_phase2", init=last, balanced=True)
+        if args.phase3_iterations:
+            train(args.work, files, args.phase3_iterations, args.batch, args.phase3_lr,
+                  args.seed + 2, phase="_phase3", init=last, diffusion=DIFFUSION_PHASE3,
+                  real_fraction=0.7, balanced_fraction=0.5)
     if args.stage in ("all", "export"):
         export(args.work, args.output, files, args.iterations, args)
     return 0

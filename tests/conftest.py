@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import nibabel as nib
 import numpy as np
@@ -136,6 +136,22 @@ def validator_exe() -> Path:
             )
         exe = Path(found)
     return exe
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Run the test with one torch thread, then restore the thread count.
+
+    On a shared 2-core machine torch's default thread pool makes tiny models tens of times
+    slower through contention. Use it with ``pytestmark = pytest.mark.usefixtures(
+    "one_torch_thread")`` (or from an autouse fixture of a folder's conftest).
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ subjects (:func:`bids_cadiff.app.train.run_training`, no validation split), read
 (:func:`bids_cadiff.app.participant.segment_prepared` on the cached prepared arrays, 2D models
 slice by slice); the label map is brought onto the reference label map's own grid and scored
 with :func:`bids_cadiff.evaluation.metrics.evaluate_pair` (Dice, NSD, HD95 per structure).
-The multi-atlas baseline (:mod:`bids_cadiff.evaluation.multiatlas`) segments each held-out
+The multi-atlas baseline (:mod:`bids_cadiff.app.multiatlas`) segments each held-out
 image from the fold's training subjects.
 
 Outputs in ``OUTPUT_DIR``::
@@ -83,14 +83,12 @@ def make_folds(subjects: Sequence[str], k: int, seed: int = 0) -> list[list[str]
 
 
 def _reference(dseg: Path, table: Any, merge: Mapping[int, int]) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
-    import nibabel as nib
-
+    """The reference label map as channels on its own grid: ``(channels, affine, spacing)``."""
+    from bids_cadiff.io.nifti import load_label_map
     from bids_cadiff.training.prepare import labels_to_index
 
-    img = nib.load(str(dseg))
-    values = np.rint(np.asanyarray(img.dataobj)).astype(np.int32).squeeze()
-    spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
-    return labels_to_index(values, table, merge, img.affine), np.asarray(img.affine), spacing
+    ref = load_label_map(dseg)
+    return labels_to_index(ref.values, table, merge, ref.affine), ref.affine, ref.spacing
 
 
 def _score(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], table: Any,
@@ -187,7 +185,7 @@ def run_crossval(
     Returns:
         the tables written: ``scores``, ``fold_scores``, ``table1``, ``table2``.
     """
-    from bids_cadiff.evaluation.multiatlas import multiatlas_segment
+    from bids_cadiff.app.multiatlas import multiatlas_segment
     from bids_cadiff.evaluation.report import ImageScores, scores_table
     from bids_cadiff.evaluation.metrics import class_average
     from bids_cadiff.imaging.preprocess import resample_to_reference

@@ -34,6 +34,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from bids_cadiff import __version__
+from bids_cadiff.bidsio.derivatives import read_label_table_tsv
 from bids_cadiff.config import dumps_toml
 from bids_cadiff.errors import InputError, UsageError
 from bids_cadiff.io.atomic import atomic_write
@@ -235,14 +236,6 @@ def merge_recipes(*recipes: Mapping[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- labels and pairs
 
 
-def _read_table_tsv(path: Path) -> LabelTable:
-    # TODO(lead): move load_label_table_tsv from cli/evaluate.py into labels.py; app must not
-    # import cli. Imported lazily here until then.
-    from bids_cadiff.cli.evaluate import load_label_table_tsv
-
-    return load_label_table_tsv(path)
-
-
 def resolve_labels(spec: str, labels_dir: Path | None) -> tuple[LabelTable, dict[int, int]]:
     """The label table and value merge a recipe's ``labels`` names.
 
@@ -257,13 +250,13 @@ def resolve_labels(spec: str, labels_dir: Path | None) -> tuple[LabelTable, dict
                 f"--labels dseg reads LABELS_DIR/dseg.tsv, which does not exist in {labels_dir}; "
                 "add it (index, name columns) or pass --labels synthseg32 or a TSV path"
             )
-        return _read_table_tsv(Path(labels_dir) / "dseg.tsv"), {}
+        return read_label_table_tsv(Path(labels_dir) / "dseg.tsv"), {}
     path = Path(spec).expanduser()
     if not path.is_file():
         raise UsageError(
             f"--labels {spec!r} is neither 'synthseg32', 'dseg' nor an existing TSV file"
         )
-    return _read_table_tsv(path), {}
+    return read_label_table_tsv(path), {}
 
 
 @dataclass(frozen=True)
@@ -424,7 +417,7 @@ def _log_unknown_values(labels_dir: Path, table: LabelTable, merge: Mapping[int,
         logger.info("%s has no dseg.tsv; label values are taken as the label table says", labels_dir)
         return
     try:
-        listed = _read_table_tsv(tsv)
+        listed = read_label_table_tsv(tsv)
     except UsageError as exc:
         logger.warning("cannot read %s (%s)", tsv, exc)
         return

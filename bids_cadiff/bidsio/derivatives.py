@@ -31,8 +31,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from bids_cadiff import CODE_URL, __version__
+from bids_cadiff.errors import UsageError
 from bids_cadiff.io.atomic import atomic_path, atomic_write
-from bids_cadiff.labels import LabelTable
+from bids_cadiff.labels import Label, LabelTable
 
 logger = logging.getLogger(__name__)
 
@@ -702,10 +703,17 @@ def write_group_volumes(
     return tsv, sidecar
 
 
+def _read_tsv(path: str | Path) -> tuple[list[str], list[dict[str, str]]]:
+    """A TSV's column names and its rows as string dicts (``n/a`` kept as is)."""
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        reader = csv.DictReader(fh, delimiter="\t")
+        rows = [dict(r) for r in reader]
+        return list(reader.fieldnames or []), rows
+
+
 def read_volumes_tsv(path: str | Path) -> list[dict[str, str]]:
     """Rows of a volume TSV as string dicts (``n/a`` kept as is)."""
-    with open(path, encoding="utf-8", newline="") as fh:
-        return [dict(r) for r in csv.DictReader(fh, delimiter="\t")]
+    return _read_tsv(path)[1]
 
 
 __all__ = [
@@ -730,6 +738,7 @@ __all__ = [
     "group_volumes_sidecar_path",
     "init_derivatives",
     "read_dseg_tsv",
+    "read_label_table_tsv",
     "read_volumes_tsv",
     "save_label_map",
     "software_versions",
@@ -744,22 +753,59 @@ __all__ = [
 ]
 
 
+def read_label_table_tsv(path: str | Path) -> LabelTable:
+    """Read a label table from a ``dseg.tsv`` look-up table (this app's or any BIDS dataset's).
+
+    Columns: ``index`` or ``value`` (int, required), ``name``, ``abbreviation`` (either one
+    required; each defaults to the other), ``color`` (``#rrggbb``, optional) and ``mapping``
+    (optional: the integer of a BIDS common label, see :data:`BIDS_COMMON_LABELS`). The
+    background (0) is added first if the file lacks it. Reads back what :func:`write_dseg_tsv`
+    writes.
+
+    Raises:
+        UsageError: the file cannot be read or lacks the columns above (the message says which).
+    """
+    path = Path(path)
+    try:
+        columns, rows = _read_tsv(path)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UsageError(f"cannot read label table {path}: {exc}") from None
+    value_col = "index" if "index" in columns else "value" if "value" in columns else None
+    if value_col is None or not ({"name", "abbreviation"} & set(columns)):
+        raise UsageError(
+            f"label table {path} needs an 'index' (or 'value') column and a 'name' or "
+            f"'abbreviation' column; found {columns}"
+        )
+    by_number = {v: k for k, v in BIDS_COMMON_LABELS.items()}
+    labels: list[Label] = []
+    for row in rows:
+        try:
+            value = int(row[value_col])
+        except (TypeError, ValueError):
+            raise UsageError(
+                f"label table {path}: {value_col} {row[value_col]!r} is not an integer"
+            ) from None
+        name = row.get("name") or row.get("abbreviation") or str(value)
+        mapping = (row.get("mapping") or "").strip()
+        bids_label = by_number.get(int(mapping), "") if mapping.isdigit() else ""
+        labels.append(Label(value, name, row.get("abbreviation") or name,
+                            row.get("color") or "#000000", bids_label))
+    background = [lab for lab in labels if lab.value == 0]
+    rest = [lab for lab in labels if lab.value != 0]
+    entries = (background[0] if background else Label(0, "Unknown", "BG", "#000000"), *rest)
+    try:
+        return LabelTable(tuple(entries))
+    except ValueError as exc:
+        raise UsageError(f"label table {path}: {exc}") from None
+
+
 def read_dseg_tsv(output_dir: str | Path) -> LabelTable | None:
-    """The label table stored in ``desc-cadiff_dseg.tsv``, or ``None`` if there is none."""
+    """The label table stored in ``desc-cadiff_dseg.tsv``, or ``None`` if there is none.
+
+    Raises:
+        UsageError: the file exists but cannot be read as a label table.
+    """
     path = dseg_tsv_path(output_dir)
     if not path.is_file():
         return None
-    by_number = {v: k for k, v in BIDS_COMMON_LABELS.items()}
-    rows = []
-    for row in read_volumes_tsv(path):
-        mapping = row.get("mapping", "n/a")
-        rows.append(
-            {
-                "value": int(row["index"]),
-                "name": row["name"],
-                "abbreviation": row.get("abbreviation") or row["name"],
-                "color": row.get("color", ""),
-                "bids_label": by_number.get(int(mapping), "") if mapping.isdigit() else "",
-            }
-        )
-    return LabelTable.from_list(rows)
+    return read_label_table_tsv(path)

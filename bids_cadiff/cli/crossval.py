@@ -11,19 +11,17 @@ Exit codes: 0 done; 1 unexpected error; 2 usage error; 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from bids_cadiff import __version__
+from bids_cadiff.cli.arguments import existing_dir, existing_file, positive
+from bids_cadiff.cli.errors import EXIT_OK, argparse_exit_code, run_with_exit_code
 from bids_cadiff.cli.parser import _OneLineParser
-from bids_cadiff.cli.run import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, setup_logging
-from bids_cadiff.cli.train import _existing_dir, _file, _positive
-from bids_cadiff.errors import CadiffError, UsageError
-
-logger = logging.getLogger("bids_cadiff.cli")
+from bids_cadiff.cli.run import setup_logging
+from bids_cadiff.errors import UsageError
 
 PROG = "cadiff-crossval"
 
@@ -34,24 +32,24 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, allow_abbrev=False,
         description="Cross-validate CA-Diff recipes and the multi-atlas baseline on labelled data.",
     )
-    parser.add_argument("bids_dir", type=_existing_dir("BIDS"), help="raw BIDS dataset (T1w)")
-    parser.add_argument("labels_dir", type=_existing_dir("labels"), help="*_dseg derivatives")
+    parser.add_argument("bids_dir", type=existing_dir("BIDS"), help="raw BIDS dataset (T1w)")
+    parser.add_argument("labels_dir", type=existing_dir("labels"), help="*_dseg derivatives")
     parser.add_argument("output_dir", type=Path, help="where folds, models and tables go")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    parser.add_argument("--config", type=_file("--config"), metavar="TOML",
+    parser.add_argument("--config", type=existing_file("--config"), metavar="TOML",
                         help="base recipe (configs/cadiff_3d.toml); the 'CA-Diff' row")
-    parser.add_argument("--ablation", nargs="+", type=_file("--ablation"), default=[],
+    parser.add_argument("--ablation", nargs="+", type=existing_file("--ablation"), default=[],
                         metavar="TOML", help="variant recipes merged over the base (Table II rows)")
     parser.add_argument("--set", nargs="+", default=[], metavar="TABLE.KEY=VALUE",
                         help="override base recipe values, e.g. training.iterations=1000 "
                         "data.registration=affine (TOML values)")
     parser.add_argument("--name", default="CA-Diff", help="row name of the base recipe")
-    parser.add_argument("--folds", type=_positive(int, "--folds"), default=3, help="k (3)")
-    parser.add_argument("--seed", type=_positive(int, "--seed", zero=True), default=0,
+    parser.add_argument("--folds", type=positive(int, "--folds"), default=3, help="k (3)")
+    parser.add_argument("--seed", type=positive(int, "--seed", zero=True), default=0,
                         help="fold split seed")
-    parser.add_argument("--nsd-tolerance", type=_positive(float, "--nsd-tolerance", zero=True),
+    parser.add_argument("--nsd-tolerance", type=positive(float, "--nsd-tolerance", zero=True),
                         default=1.0, metavar="MM")
-    parser.add_argument("--steps", type=_positive(int, "--steps"), help="DDIM steps at test time")
+    parser.add_argument("--steps", type=positive(int, "--steps"), help="DDIM steps at test time")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--no-multiatlas", dest="multiatlas", action="store_false",
                         help="skip the multi-atlas baseline")
@@ -87,12 +85,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:
-        return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+        return argparse_exit_code(exc)
     setup_logging(args.verbose)
     from bids_cadiff.app.crossval import Variant, run_crossval
     from bids_cadiff.app.train import load_recipe, merge_recipes
 
-    try:
+    def crossval() -> int:
         base = load_recipe(args.config) if args.config else {}
         base = merge_recipes(base, parse_set(args.set))
         variants = [Variant(Path(p).name.split(".")[0], load_recipe(p)) for p in args.ablation]
@@ -107,19 +105,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         # The tables are this command's result: stdout (logs go to stderr).
         sys.stdout.write(format_table(tables["table2"]) + "\n")
-    except UsageError as exc:
-        sys.stderr.write(f"{PROG}: error: {' '.join(str(exc).split())}\n")
-        return EXIT_USAGE
-    except CadiffError as exc:
-        logger.error("%s", exc)
-        return EXIT_FAILURE
-    except KeyboardInterrupt:
-        logger.warning("interrupted; rerun the same command to continue")
-        return EXIT_INTERRUPTED
-    except Exception:  # noqa: BLE001
-        logger.exception("%s failed unexpectedly", PROG)
-        return EXIT_FAILURE
-    return EXIT_OK
+        return EXIT_OK
+
+    return run_with_exit_code(
+        crossval, prog=PROG, interrupted="interrupted; rerun the same command to continue"
+    )
 
 
 if __name__ == "__main__":

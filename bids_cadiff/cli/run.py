@@ -14,15 +14,12 @@ from datetime import datetime
 from typing import Sequence
 
 from bids_cadiff import CODE_URL, __version__
+from bids_cadiff.cli.errors import argparse_exit_code, run_with_exit_code
 from bids_cadiff.config import RunConfig
-from bids_cadiff.errors import CadiffError, UsageError
 
 logger = logging.getLogger("bids_cadiff.cli")
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+PROG = "bids_cadiff"
 
 _LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
@@ -64,12 +61,6 @@ def set_threads(omp_nthreads: int) -> None:
         return
     torch.set_num_threads(omp_nthreads)
     logger.debug("torch threads: %d", omp_nthreads)
-
-
-def _usage_error(message: str) -> int:
-    # The one place besides argparse that writes to stderr directly: a single line, no traceback.
-    sys.stderr.write(f"bids_cadiff: error: {' '.join(str(message).split())}\n")
-    return EXIT_USAGE
 
 
 def record_config(config: RunConfig) -> None:
@@ -118,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = parse_args(argv)
     except SystemExit as exc:  # argparse: usage error (2) or --help/--version (0)
-        return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+        return argparse_exit_code(exc)
     setup_logging(config.verbosity)
     logger.info(
         "bids_cadiff %s, %s level, %s -> %s",
@@ -128,23 +119,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         config.output_dir,
     )
     logger.debug("configuration:\n%s", config.to_toml())
-    try:
-        return run(config)
-    except UsageError as exc:
-        return _usage_error(str(exc))
-    except CadiffError as exc:  # a known failure outside the per-image loop: no traceback
-        logger.error("%s", exc)
-        return EXIT_FAILURE
-    except KeyboardInterrupt:
-        logger.warning("interrupted")
-        return EXIT_INTERRUPTED
-    except Exception:  # noqa: BLE001 - last resort: log with traceback, exit 1
-        logger.exception(
+    return run_with_exit_code(
+        lambda: run(config),
+        prog=PROG,
+        unexpected=(
             "bids_cadiff failed unexpectedly; please report this with the log at "
-            "%s/issues",
-            CODE_URL,
-        )
-        return EXIT_FAILURE
+            f"{CODE_URL}/issues"
+        ),
+    )
 
 
 if __name__ == "__main__":

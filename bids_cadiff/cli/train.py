@@ -15,25 +15,17 @@ Exit codes: 0 trained; 1 unexpected error or an image that cannot be prepared; 2
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from bids_cadiff import __version__
+from bids_cadiff.cli.arguments import existing_dir, existing_file, positive
+from bids_cadiff.cli.errors import EXIT_OK, argparse_exit_code, run_with_exit_code
 from bids_cadiff.cli.parser import _OneLineParser
-from bids_cadiff.cli.run import (
-    EXIT_FAILURE,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_USAGE,
-    set_threads,
-    setup_logging,
-)
-from bids_cadiff.errors import CadiffError, UsageError
-
-logger = logging.getLogger("bids_cadiff.cli")
+from bids_cadiff.cli.run import set_threads, setup_logging
+from bids_cadiff.errors import UsageError
 
 PROG = "cadiff-train"
 
@@ -77,35 +69,6 @@ RECIPE_OPTIONS: dict[str, tuple[str, str]] = {
 # --------------------------------------------------------------------------- type= validators
 
 
-def _existing_dir(what: str):  # noqa: ANN202 - returns a type= callable
-    def check(value: str) -> Path:
-        path = Path(value).expanduser()
-        if not path.is_dir():
-            raise argparse.ArgumentTypeError(
-                f"{what} folder {'is not a folder' if path.exists() else 'does not exist'}: {value}"
-            )
-        return Path(os.path.abspath(path))
-
-    check.__name__ = f"{what} folder"
-    return check
-
-
-def _positive(kind: type, what: str, *, zero: bool = False):  # noqa: ANN202
-    def check(value: str) -> Any:
-        try:
-            number = kind(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} {value!r} is not a {kind.__name__}") from None
-        if number < 0 or (number == 0 and not zero):
-            raise argparse.ArgumentTypeError(
-                f"{what} must be {'>= 0' if zero else '> 0'}, got {value!r}"
-            )
-        return number
-
-    check.__name__ = what
-    return check
-
-
 def _fraction(value: str) -> float:
     try:
         number = float(value)
@@ -114,17 +77,6 @@ def _fraction(value: str) -> float:
     if not 0 <= number < 1:
         raise argparse.ArgumentTypeError(f"--val-fraction must be in [0, 1), got {value!r} (e.g. 0.1)")
     return number
-
-
-def _file(what: str):  # noqa: ANN202
-    def check(value: str) -> Path:
-        path = Path(value).expanduser()
-        if not path.is_file():
-            raise argparse.ArgumentTypeError(f"{what} file does not exist: {value}")
-        return Path(os.path.abspath(path))
-
-    check.__name__ = what
-    return check
 
 
 def _resume(value: str) -> str | Path:
@@ -157,21 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
         allow_abbrev=False,
     )
-    parser.add_argument("bids_dir", type=_existing_dir("BIDS"), help="raw BIDS dataset (T1w)")
+    parser.add_argument("bids_dir", type=existing_dir("BIDS"), help="raw BIDS dataset (T1w)")
     parser.add_argument(
-        "labels_dir", type=_existing_dir("labels"),
+        "labels_dir", type=existing_dir("labels"),
         help="BIDS-Derivatives dataset of *_dseg label maps matching the T1w images",
     )
     parser.add_argument("output_dir", type=Path, help="where checkpoints and logs are written")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    parser.add_argument("--config", type=_file("--config"), metavar="TOML",
+    parser.add_argument("--config", type=existing_file("--config"), metavar="TOML",
                         help="recipe file (configs/*.toml); command-line options override it")
     parser.add_argument("--resume", type=_resume, metavar="CKPT|auto",
                         help="continue a run from a checkpoint ('auto': the latest in OUTPUT_DIR)")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress bar")
-    parser.add_argument("--nthreads", type=_positive(int, "--nthreads"), metavar="N",
+    parser.add_argument("--nthreads", type=positive(int, "--nthreads"), metavar="N",
                         help="torch CPU threads per process (default: torch's choice)")
 
     data = parser.add_argument_group("data")
@@ -188,11 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--labels-desc", metavar="LABEL", help="use only label maps with this desc")
     data.add_argument("-w", "--work-dir", type=Path, metavar="DIR",
                       help="cache of prepared images and registrations (default OUTPUT_DIR/work)")
-    data.add_argument("--atlas", type=_file("--atlas"), metavar="NIFTI",
+    data.add_argument("--atlas", type=existing_file("--atlas"), metavar="NIFTI",
                       help="atlas T1w of the distance field (default: Colin27)")
     data.add_argument("--registration", choices=("syn", "affine", "none"),
                       help="atlas registration: syn (default), affine, none (identity; tests)")
-    data.add_argument("--voxel-size", nargs="+", type=_positive(float, "--voxel-size"),
+    data.add_argument("--voxel-size", nargs="+", type=positive(float, "--voxel-size"),
                       metavar="MM", help="model grid in mm: one value or three (default 1)")
 
     model = parser.add_argument_group("model (ablation switches)")
@@ -203,33 +155,33 @@ def build_parser() -> argparse.ArgumentParser:
                        "collaborative: CA-Diff (default)")
     model.add_argument("--no-taca", dest="taca", action="store_false",
                        help="plain skip connections instead of TACA")
-    model.add_argument("--channels", nargs="+", type=_positive(int, "--channels"), metavar="N",
+    model.add_argument("--channels", nargs="+", type=positive(int, "--channels"), metavar="N",
                        help="feature widths per U-Net level (default 16 32 64 128)")
-    model.add_argument("--num-res-blocks", type=_positive(int, "--num-res-blocks"))
-    model.add_argument("--time-embed-dim", type=_positive(int, "--time-embed-dim"))
-    model.add_argument("--timesteps", type=_positive(int, "--timesteps"), help="T (default 1000)")
-    model.add_argument("--sampling-steps", type=_positive(int, "--sampling-steps"),
+    model.add_argument("--num-res-blocks", type=positive(int, "--num-res-blocks"))
+    model.add_argument("--time-embed-dim", type=positive(int, "--time-embed-dim"))
+    model.add_argument("--timesteps", type=positive(int, "--timesteps"), help="T (default 1000)")
+    model.add_argument("--sampling-steps", type=positive(int, "--sampling-steps"),
                        help="DDIM steps S for validation/inference (default 5)")
     model.add_argument("--no-consistency", dest="consistency_loss", action="store_false",
                        help="train without the spatial-anatomical consistency loss")
     model.add_argument("--similarity", choices=("cosine", "dice"), help="Sim_M of L_sac")
-    model.add_argument("--sac-weight", type=_positive(float, "--sac-weight", zero=True))
+    model.add_argument("--sac-weight", type=positive(float, "--sac-weight", zero=True))
 
     opt = parser.add_argument_group("optimisation")
-    opt.add_argument("--patch-size", nargs="+", type=_positive(int, "--patch-size"), metavar="N",
+    opt.add_argument("--patch-size", nargs="+", type=positive(int, "--patch-size"), metavar="N",
                      help="patch in voxels: one value or one per axis (default 96 in 3D, 160 in 2D)")
-    opt.add_argument("--batch-size", type=_positive(int, "--batch-size"),
+    opt.add_argument("--batch-size", type=positive(int, "--batch-size"),
                      help="patches per step and process (default 2 in 3D, 70 in 2D)")
-    opt.add_argument("--lr", type=_positive(float, "--lr"), help="AdamW learning rate (1e-4)")
+    opt.add_argument("--lr", type=positive(float, "--lr"), help="AdamW learning rate (1e-4)")
     opt.add_argument("--lr-schedule", choices=("constant", "cosine", "poly"))
-    opt.add_argument("--iterations", type=_positive(int, "--iterations"), help="(200000)")
-    opt.add_argument("--val-every", type=_positive(int, "--val-every", zero=True), metavar="N",
+    opt.add_argument("--iterations", type=positive(int, "--iterations"), help="(200000)")
+    opt.add_argument("--val-every", type=positive(int, "--val-every", zero=True), metavar="N",
                      help="validation Dice every N iterations (0: never; default 1000)")
-    opt.add_argument("--checkpoint-every", type=_positive(int, "--checkpoint-every"), metavar="N")
-    opt.add_argument("--keep-checkpoints", type=_positive(int, "--keep-checkpoints", zero=True),
+    opt.add_argument("--checkpoint-every", type=positive(int, "--checkpoint-every"), metavar="N")
+    opt.add_argument("--keep-checkpoints", type=positive(int, "--keep-checkpoints", zero=True),
                      metavar="N", help="periodic checkpoints kept (0: all; default 3)")
-    opt.add_argument("--seed", type=_positive(int, "--seed", zero=True))
-    opt.add_argument("--workers", type=_positive(int, "--workers", zero=True),
+    opt.add_argument("--seed", type=positive(int, "--seed", zero=True))
+    opt.add_argument("--workers", type=positive(int, "--workers", zero=True),
                      help="DataLoader worker processes (default 0)")
     opt.add_argument("--no-augment", dest="augment", action="store_false")
     opt.add_argument("--slice-axis", type=int, choices=(0, 1, 2), help="2D: slice axis (2 axial)")
@@ -266,31 +218,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:
-        return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+        return argparse_exit_code(exc)
     setup_logging(getattr(args, "verbose", 0))
     if "nthreads" in args:
         set_threads(args.nthreads)
     from bids_cadiff.app.train import TrainConfig, load_recipe, merge_recipes, run_training
 
-    try:
+    def train() -> int:
         _check_paths(args)
         recipe = load_recipe(args.config) if "config" in args else {}
         config = TrainConfig.from_dict(merge_recipes(recipe, overrides_from_args(args)))
         run_training(config, resume=getattr(args, "resume", None),
                      progress=getattr(args, "progress", True))
-    except UsageError as exc:
-        sys.stderr.write(f"{PROG}: error: {' '.join(str(exc).split())}\n")
-        return EXIT_USAGE
-    except CadiffError as exc:
-        logger.error("%s", exc)
-        return EXIT_FAILURE
-    except KeyboardInterrupt:
-        logger.warning("interrupted; continue with --resume auto")
-        return EXIT_INTERRUPTED
-    except Exception:  # noqa: BLE001 - last resort: log with traceback, exit 1
-        logger.exception("%s failed unexpectedly", PROG)
-        return EXIT_FAILURE
-    return EXIT_OK
+        return EXIT_OK
+
+    return run_with_exit_code(
+        train, prog=PROG, interrupted="interrupted; continue with --resume auto"
+    )
 
 
 if __name__ == "__main__":

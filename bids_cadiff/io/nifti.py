@@ -1,9 +1,16 @@
-"""Reading input images, with the checks that turn bad files into clear per-image errors."""
+"""Reading input images, with the checks that turn bad files into clear per-image errors.
+
+:func:`load_t1w` reads a T1w for segmentation; :func:`load_label_map` reads a label map
+(``*_dseg``, FreeSurfer ``aseg``, ...) as integer values, on its own grid or resampled onto
+another one.
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import nibabel as nib
 import numpy as np
@@ -90,3 +97,76 @@ def load_t1w(path: str | Path) -> nib.Nifti1Image:
     out = nib.Nifti1Image(data, img.affine, header=nib.Nifti1Header.from_header(header))
     out.set_data_dtype(np.float32)
     return out
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """Integer label values on a voxel grid.
+
+    Attributes:
+        values: ``(X, Y, Z)`` int32 label values (as in the file: no label table applied).
+        affine: ``(4, 4)`` float64 voxel-to-world matrix of ``values``' grid.
+        spacing: voxel size in mm along each axis of that grid.
+    """
+
+    values: np.ndarray
+    affine: np.ndarray
+    spacing: tuple[float, float, float]
+
+
+def load_label_map(
+    path: str | Path,
+    *,
+    ref_shape: Sequence[int] | None = None,
+    ref_affine: np.ndarray | None = None,
+) -> LabelMap:
+    """Read a label map, in any orientation, optionally on a reference grid.
+
+    Accepts 3D images and 4D images with exactly one volume; integer data as it is, float data
+    whose values are whole numbers (within ``np.allclose``) rounded to them. The voxel order is
+    the file's own (no reorientation): the affine says where each voxel is.
+
+    Args:
+        path: the label map file (any format nibabel reads: NIfTI, MGH, ...).
+        ref_shape: spatial shape ``(X', Y', Z')`` of a reference grid, with ``ref_affine``:
+            the values are then resampled onto that grid by world coordinates with nearest
+            neighbour (values copied, never blended; 0 outside the label map).
+        ref_affine: ``(4, 4)`` voxel-to-world matrix of the reference grid.
+
+    Returns:
+        the values with their grid: the file's (affine, header voxel size), or the reference
+        grid (``ref_affine``, its voxel size).
+
+    Raises:
+        InputError: the file cannot be read, is not 3D or holds non-integer values.
+        ValueError: only one of ``ref_shape`` and ``ref_affine`` is given.
+    """
+    if (ref_shape is None) != (ref_affine is None):
+        raise ValueError("give both ref_shape and ref_affine, or neither")
+    path = Path(path)
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for bad files
+        raise InputError(path, f"cannot be read as a NIfTI label map ({exc})") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InputError(path, f"a label map must be 3D, got shape {data.shape}")
+    if not np.issubdtype(data.dtype, np.integer):
+        rounded = np.rint(data)
+        if not np.allclose(rounded, data):
+            raise InputError(path, "holds non-integer values; is it a label map (*_dseg)?")
+        data = rounded
+    values = np.asarray(data, dtype=np.int32)
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if ref_shape is None or ref_affine is None:
+        spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
+        return LabelMap(values, affine, spacing)  # type: ignore[arg-type]
+    from bids_cadiff.imaging.preprocess import resample_to_reference
+
+    ref_affine = np.asarray(ref_affine, dtype=np.float64)
+    shape = tuple(int(s) for s in ref_shape[:3])
+    on_grid = resample_to_reference(values, affine, shape, ref_affine, order=0)  # type: ignore[arg-type]
+    spacing = tuple(float(v) for v in np.sqrt((ref_affine[:3, :3] ** 2).sum(axis=0)))
+    return LabelMap(on_grid, ref_affine, spacing)  # type: ignore[arg-type]

@@ -96,12 +96,22 @@ class DiffusionConfig:
     """The forward noising, the losses and the sampler.
 
     Args:
-        timesteps: T; training timesteps are drawn uniformly from {0, ..., T}.
+        timesteps: T; training timesteps are drawn from {0, ..., T} (uniformly unless the
+            fractions below say otherwise).
         schedule: ``"linear"`` (DDPM betas 1e-4 to 0.02) or ``"cosine"``.
         sampling_steps: S, DDIM steps at inference (paper: 5).
         consistency_loss: add L_sac (paper Eqs. 5-7).
         similarity: Sim_M of L_sac, ``"cosine"`` or ``"dice"``.
         sac_weight: weight of L_sac in L = L_diff + w * L_sac (paper: 1).
+        t_m_max_fraction: training only; the fraction of samples whose label timestep t_m is
+            T (pure noise, the sampler's first step) instead of uniform (paper: 0, all uniform).
+            The prediction from pure noise carries the whole segmentation, so a short training
+            run learns faster when it sees that case more often.
+        t_d_zero_fraction: training only, ``collaborative`` mode; the fraction of samples whose
+            distance field timestep t_d is 0 (the clean field inference uses) instead of
+            uniform (paper: 0).
+        batch_dice: Dice of L_diff computed over the whole batch (nnU-Net's batch Dice)
+            instead of MONAI's default per sample (paper: not specified; default False).
     """
 
     timesteps: int = 1000
@@ -110,8 +120,15 @@ class DiffusionConfig:
     consistency_loss: bool = True
     similarity: str = "cosine"
     sac_weight: float = 1.0
+    t_m_max_fraction: float = 0.0
+    t_d_zero_fraction: float = 0.0
+    batch_dice: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("t_m_max_fraction", "t_d_zero_fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
         if self.timesteps < 1:
             raise ValueError(f"timesteps must be >= 1, got {self.timesteps}")
         if self.schedule not in ("linear", "cosine"):

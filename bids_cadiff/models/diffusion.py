@@ -12,7 +12,8 @@ Scaling for diffusion (paper II.A, II.C):
   label estimate in diffusion scale that the sampler uses.
 
 Training draws ``t_d`` and ``t_m`` uniformly and independently from {0..T} in
-``collaborative`` mode; ``dual`` mode keeps ``t_d = 0`` with the clean field as condition;
+``collaborative`` mode (the paper; ``DiffusionConfig.t_m_max_fraction`` and
+``t_d_zero_fraction`` put extra weight on t_m = T and t_d = 0, the cases inference meets); ``dual`` mode keeps ``t_d = 0`` with the clean field as condition;
 ``diffusion`` mode has no field at all. Sampling (II.C, "Inference") sets ``t_d = 0`` and
 refines the label map from Gaussian noise in S deterministic DDIM steps (eta = 0).
 """
@@ -72,7 +73,7 @@ class CADiff(nn.Module):
         self.model_config = model_config
         self.diffusion_config = diffusion_config
         self.denoiser = CADiffDenoiser(model_config)
-        self.loss_fn = DiffusionLoss()
+        self.loss_fn = DiffusionLoss(batch_dice=diffusion_config.batch_dice)
         ab = alpha_bar_schedule(diffusion_config.schedule, diffusion_config.timesteps)
         self.register_buffer("alpha_bar", ab.float(), persistent=False)
 
@@ -103,6 +104,26 @@ class CADiff(nn.Module):
             return scaled
         return self.q_sample(scaled, t_d, noise)
 
+    def _draw_timesteps(
+        self,
+        batch: int,
+        special: int,
+        fraction: float,
+        device: torch.device,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        """``(batch,)`` timesteps uniform in {0..T}; each is ``special`` with prob. ``fraction``.
+
+        With ``fraction == 0`` exactly one draw is made (the paper's uniform sampling, and the
+        random stream of earlier recipes is unchanged).
+        """
+        T = self.diffusion_config.timesteps
+        t = torch.randint(0, T + 1, (batch,), device=device, generator=generator)
+        if fraction > 0:
+            pick = torch.rand((batch,), device=device, generator=generator) < fraction
+            t = torch.where(pick, torch.full_like(t, special), t)
+        return t
+
     def training_losses(
         self,
         image: torch.Tensor,
@@ -125,12 +146,14 @@ class CADiff(nn.Module):
         """
         batch, device = image.shape[0], image.device
         T = self.diffusion_config.timesteps
-        t_m = torch.randint(0, T + 1, (batch,), device=device, generator=generator)
+        t_m = self._draw_timesteps(batch, T, self.diffusion_config.t_m_max_fraction, device, generator)
         m0 = 2.0 * F.one_hot(labels[:, 0].long(), self.num_classes).movedim(-1, 1).float() - 1.0
         m_noise = torch.randn(m0.shape, device=device, generator=generator)
         m_t = self.q_sample(m0, t_m, m_noise)
         if self.model_config.mode == "collaborative":
-            t_d = torch.randint(0, T + 1, (batch,), device=device, generator=generator)
+            t_d = self._draw_timesteps(
+                batch, 0, self.diffusion_config.t_d_zero_fraction, device, generator
+            )
             assert distance is not None  # checked by _distance_input
             d_noise = torch.randn(distance.shape, device=device, generator=generator)
         else:

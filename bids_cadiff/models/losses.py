@@ -86,11 +86,19 @@ class DiffusionLoss(nn.Module):
     Shapes: ``d0_hat, d0 (B, 3, *S)`` or ``None``; ``logits (B, C, *S)``;
     ``labels (B, 1, *S)`` class indices → dict of scalar tensors
     ``{"mse", "dice_ce"}``.
+
+    Args:
+        batch_dice: Dice over the whole batch (nnU-Net's batch Dice): a structure with a few
+            voxels in one patch is scored together with the other patches, a steadier signal
+            for small structures; ``False`` is MONAI's per-sample default.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, batch_dice: bool = False) -> None:
         super().__init__()
-        self.dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
+        if batch_dice:
+            self.dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+        else:
+            self.dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
 
     def forward(
         self,

@@ -12,8 +12,9 @@ percentile normalisation → atlas registration → warped distance field). The 
 function in as ``prepare_fn`` so that training and inference share one code path;
 :func:`default_prepare` does the same steps for callers without the app.
 
-The label map is read with its own affine, reoriented to RAS, resampled onto the model grid with
-nearest neighbour (label values are copied, never blended) and stored as *values*; the mapping to
+The label map is read with its own affine (any orientation) and resampled onto the model grid by
+world coordinates with nearest neighbour (label values are copied, never blended;
+:func:`bids_cadiff.io.nifti.load_label_map`) and stored as *values*; the mapping to
 model channels (:meth:`~bids_cadiff.labels.LabelTable.value_to_index` with a merge) is applied when
 the training set is built (:func:`labels_to_index`), so one cache serves every label table.
 
@@ -35,7 +36,6 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from bids_cadiff.errors import InputError
 from bids_cadiff.io.hashing import file_sha256 as _file_sha256
 from bids_cadiff.imaging.preprocess import (
     n4_bias_correct,
@@ -45,6 +45,7 @@ from bids_cadiff.imaging.preprocess import (
     to_ras,
 )
 from bids_cadiff.io.atomic import atomic_path
+from bids_cadiff.io.nifti import load_label_map, load_t1w
 from bids_cadiff.labels import LabelTable
 from bids_cadiff.registration.atlas import AtlasSpec, atlas_distance_field, file_sha256
 
@@ -147,12 +148,6 @@ def cache_key(t1w_path: Path, label_path: Path | None, settings: PrepareSettings
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _load_image(path: Path) -> nib.Nifti1Image:
-    from bids_cadiff.io.nifti import load_t1w
-
-    return load_t1w(path)
-
-
 def _preprocess(t1: nib.Nifti1Image, settings: PrepareSettings) -> nib.Nifti1Image:
     """RAS → resample → N4, the participant pipeline's order; returns the model-grid image."""
     grid = resample_to_spacing(to_ras(t1), tuple(float(v) for v in settings.voxel_size), order=1)
@@ -216,25 +211,6 @@ def default_prepare(
     return image, distance, np.asarray(grid.affine)
 
 
-def _labels_on_grid(label_path: Path, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
-    try:
-        img = nib.load(str(label_path))
-        data = np.asanyarray(img.dataobj)
-    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for bad files
-        raise InputError(label_path, f"cannot be read as a NIfTI label map ({exc})") from None
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise InputError(label_path, f"a label map must be 3D, got shape {data.shape}")
-    if not np.issubdtype(data.dtype, np.integer):
-        rounded = np.rint(data)
-        if not np.allclose(rounded, data):
-            raise InputError(label_path, "holds non-integer values; is it a *_dseg label map?")
-        data = rounded
-    values = np.asarray(data, dtype=np.int32)
-    return resample_to_reference(values, img.affine, tuple(shape[:3]), affine, order=0)
-
-
 def _save_npz(path: Path, prepared: PreparedTrainingImage) -> None:
     arrays: dict[str, np.ndarray] = {
         "image": prepared.image, "distance": prepared.distance, "affine": prepared.affine,
@@ -294,7 +270,7 @@ def prepare_training_image(
             logger.debug("%s: prepared arrays from cache %s", t1w_path.name, key[:12])
             return cached
     logger.info("%s: preparing (registration: %s)", t1w_path.name, settings.registration)
-    t1 = _load_image(t1w_path)
+    t1 = load_t1w(t1w_path)
     cache_dir = work_dir / "registration"
     if prepare_fn is None or settings.registration != "syn":
         image, distance, affine = default_prepare(
@@ -308,7 +284,10 @@ def prepare_training_image(
             normalization=settings.normalization, cache_dir=cache_dir, image_path=t1w_path,
         )
         image, distance, affine = result.image, result.distance, np.asarray(result.affine)
-    labels = _labels_on_grid(label_path, image.shape, affine) if label_path is not None else None
+    labels = (
+        load_label_map(label_path, ref_shape=image.shape, ref_affine=affine).values
+        if label_path is not None else None
+    )
     prepared = PreparedTrainingImage(
         image=np.ascontiguousarray(image, dtype=np.float32),
         distance=np.ascontiguousarray(distance, dtype=np.float32),

@@ -1,27 +1,17 @@
-"""Cross-validation: folds, majority voting, and the Table I / II outputs on a tiny dataset."""
+"""Cross-validation: folds, and the Table I / II outputs on a tiny dataset."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-import torch
 
-from bids_cadiff.app.crossval import MULTI_ATLAS, make_folds
-from bids_cadiff.cli.crossval import main, parse_set
+from bids_cadiff.app.crossval import MULTI_ATLAS, Variant, make_folds, run_crossval
 from bids_cadiff.errors import UsageError
-from bids_cadiff.evaluation.multiatlas import majority_vote
 from tests.training.synthetic import make_labelled_dataset
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_folds_cover_every_subject_once():
@@ -34,35 +24,28 @@ def test_folds_cover_every_subject_once():
         make_folds(["01", "02"], 3)
 
 
-def test_majority_vote_prefers_the_most_frequent_then_lowest():
-    maps = [np.array([[1, 2], [0, 3]]), np.array([[1, 2], [3, 0]]), np.array([[2, 1], [3, 1]])]
-    assert majority_vote(maps, 4).tolist() == [[1, 2], [3, 0]]
-
-
-def test_parse_set():
-    assert parse_set(["training.iterations=3", "data.labels=dseg", "model.channels=[8, 16]"]) == {
-        "training": {"iterations": 3}, "data": {"labels": "dseg"}, "model": {"channels": [8, 16]}}
-    with pytest.raises(UsageError, match="TABLE.KEY=VALUE"):
-        parse_set(["iterations=3"])
-
-
 @pytest.mark.slow
 def test_crossval_writes_tables_with_multiatlas_row(tmp_path: Path):
     bids, labels, atlas = make_labelled_dataset(tmp_path)
-    ablation = tmp_path / "table2_diffusion.toml"
-    ablation.write_text('[model]\nmode = "diffusion"\ntaca = false\n'
-                        '[diffusion]\nconsistency_loss = false\n')
-    sets = ['data.registration="none"', "data.voxel_size=4.0", 'data.labels="dseg"',
-            f'data.atlas="{atlas}"', "model.channels=[8, 16]", "model.time_embed_dim=16",
-            "diffusion.timesteps=50", "diffusion.sampling_steps=2", "training.patch_size=16",
-            "training.batch_size=2", "training.iterations=2", "training.checkpoint_every=2",
-            "training.lr=1e-3"]
+    base = {
+        "data": {"registration": "none", "voxel_size": 4.0, "labels": "dseg", "atlas": str(atlas)},
+        "model": {"channels": [8, 16], "time_embed_dim": 16},
+        "diffusion": {"timesteps": 50, "sampling_steps": 2},
+        "training": {"patch_size": 16, "batch_size": 2, "iterations": 2, "checkpoint_every": 2,
+                     "lr": 1e-3},
+    }
+    ablation = Variant("table2_diffusion", {"model": {"mode": "diffusion", "taca": False},
+                                            "diffusion": {"consistency_loss": False}})
     out = tmp_path / "cv"
-    argv = [str(bids), str(labels), str(out), "--set", *sets, "--ablation", str(ablation),
-            "--no-progress", "--device", "cpu"]
-    assert main(argv) == 0
+
+    def run() -> dict[str, pd.DataFrame]:
+        return run_crossval(base, bids_dir=bids, labels_dir=labels, output_dir=out,
+                            variants=[ablation], device="cpu", progress=False)
+
+    tables = run()
     table1 = pd.read_csv(out / "table1.tsv", sep="\t")
     table2 = pd.read_csv(out / "table2.tsv", sep="\t")
+    assert table1["method"].tolist() == tables["table1"]["method"].tolist()
     assert table1["method"].tolist() == ["CA-Diff", MULTI_ATLAS]
     assert table2["method"].tolist() == ["CA-Diff", "table2_diffusion", MULTI_ATLAS]
     assert (table1["n_folds"] == 3).all()
@@ -74,5 +57,5 @@ def test_crossval_writes_tables_with_multiatlas_row(tmp_path: Path):
     assert {"method", "fold", "participant_id", "structure", "dice", "nsd"} <= set(scores.columns)
     # A rerun finds every fold trained and only re-scores.
     stamp = (out / "CA-Diff/fold-0/model.pt").stat().st_mtime_ns
-    assert main(argv) == 0
+    run()
     assert (out / "CA-Diff/fold-0/model.pt").stat().st_mtime_ns == stamp

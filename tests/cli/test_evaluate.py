@@ -1,22 +1,23 @@
-"""``cadiff-evaluate`` end to end on tiny label maps laid out as BIDS derivatives."""
+"""``cadiff-evaluate``: parser, exit codes and stdout (the scoring: tests/app/test_evaluate.py)."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Iterator
 
-import nibabel as nib
 import numpy as np
-import pandas as pd
 import pytest
 
 from bids_cadiff.cli.evaluate import build_parser, main
 from bids_cadiff.labels import SYNTHSEG32
-
-SHAPE = (9, 10, 11)
-AFFINE = np.diag([0.5, 1.0, 2.0, 1.0])
+from tests.evaluation.synthetic import (
+    SUB02_PRED,
+    derivatives_dataset,
+    make_pred_ref_dirs,
+    ref_map,
+    save_dseg,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -31,47 +32,9 @@ def _drop_log_handler() -> Iterator[None]:
     pkg.setLevel(logging.NOTSET)
 
 
-def _save(path: Path, data: np.ndarray, affine: np.ndarray = AFFINE) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(data.astype(np.int16), affine), str(path))
-    return path
-
-
-def _dataset(root: Path, name: str) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "dataset_description.json").write_text(
-        json.dumps({"Name": name, "BIDSVersion": "1.9.0", "DatasetType": "derivative"})
-    )
-    return root
-
-
-def _ref_map() -> np.ndarray:
-    ref = np.zeros(SHAPE, dtype=np.int16)
-    ref[2:6, 2:6, 2:6] = 2  # Left-Cerebral-White-Matter (L-WM)
-    ref[6:8, 1:8, 1:9] = 17  # Left-Hippocampus (L-HI)
-    return ref
-
-
 @pytest.fixture()
 def dirs(tmp_path: Path) -> tuple[Path, Path]:
-    """sub-01: L-WM shifted one voxel along axis 2 (Dice 0.75, HD95 2 mm); sub-02 ses-1:
-    perfect, but the reference carries aseg values 31 (merged to background by ASEG_MERGE)
-    and 1000 (not in the table: background)."""
-    pred_dir = _dataset(tmp_path / "cadiff", "CA-Diff")
-    ref_dir = _dataset(tmp_path / "freesurfer", "aseg")
-    ref1 = _ref_map()
-    pred1 = ref1.copy()
-    pred1[2:6, 2:6, 2:6] = 0
-    pred1[2:6, 2:6, 3:7] = 2
-    _save(pred_dir / "sub-01/anat/sub-01_desc-cadiff_dseg.nii.gz", pred1)
-    _save(ref_dir / "sub-01/anat/sub-01_desc-aseg_dseg.nii.gz", ref1)
-    ref2 = _ref_map()
-    pred2 = ref2.copy()
-    ref2[0, 0, 0] = 31
-    ref2[0, 0, 1] = 1000
-    _save(pred_dir / "sub-02/ses-1/anat/sub-02_ses-1_desc-cadiff_dseg.nii.gz", pred2)
-    _save(ref_dir / "sub-02/ses-1/anat/sub-02_ses-1_dseg.nii.gz", ref2)
-    return pred_dir, ref_dir
+    return make_pred_ref_dirs(tmp_path)
 
 
 def test_parser_defaults(dirs: tuple[Path, Path]) -> None:
@@ -93,54 +56,26 @@ def test_end_to_end(dirs: tuple[Path, Path], tmp_path: Path, capsys: pytest.Capt
     header = captured.out.splitlines()[1].split()
     assert header[:4] == ["structure", "label", "n", "dice_mean"]
     assert any(line.startswith("L-WM") for line in captured.out.splitlines())
+    assert not any(line.startswith("R-WM") for line in captured.out.splitlines())  # n = 0
     assert captured.out.rstrip().splitlines()[-1].startswith("mean")
-
-    scores = pd.read_csv(out, sep="\t", keep_default_na=False)
-    assert list(scores.columns) == [
-        "participant_id", "session_id", "structure", "label", "dice", "nsd", "hd95",
-    ]
-    assert len(scores) == 2 * (len(SYNTHSEG32) - 1)
-    assert set(scores["participant_id"]) == {"sub-01", "sub-02"}
-    assert set(scores.loc[scores.participant_id == "sub-01", "session_id"]) == {"n/a"}
-    wm1 = scores[(scores.participant_id == "sub-01") & (scores.structure == "L-WM")].iloc[0]
-    # See tests/evaluation/test_metrics.py::test_shifted_cubes_anisotropic: same cubes, spacing.
-    assert wm1["label"] == 2
-    assert float(wm1["dice"]) == pytest.approx(0.75)
-    assert float(wm1["nsd"]) == pytest.approx(5 / 7, rel=1e-5)
-    assert float(wm1["hd95"]) == pytest.approx(2.0)
-    sub2 = scores[scores.participant_id == "sub-02"].set_index("structure")
-    assert float(sub2.loc["L-HI", "dice"]) == 1.0 and float(sub2.loc["L-HI", "hd95"]) == 0.0
-    assert sub2.loc["R-WM", "dice"] == "n/a"  # in neither map
+    assert out.is_file() and (tmp_path / "eval" / "scores_summary.tsv").is_file()
     assert "1000" in captured.err  # the dropped reference value is logged
 
-    summary = pd.read_csv(tmp_path / "eval" / "scores_summary.tsv", sep="\t")
-    wm = summary.set_index("structure").loc["L-WM"]
-    assert wm["n"] == 2
-    assert wm["dice_mean"] == pytest.approx((0.75 + 1.0) / 2)
-    assert wm["hd95_mean"] == pytest.approx(1.0)
-    assert summary["structure"].iloc[-1] == "mean"
-    # One row per structure of the table, even those in no image (n = 0), then the average.
-    assert len(summary) == len(SYNTHSEG32)
-    assert summary.set_index("structure").loc["R-WM", "n"] == 0
 
-
-def test_grid_mismatch_fails_that_pair_only(
+def test_failed_pair_is_exit_1(
     dirs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     pred_dir, ref_dir = dirs
-    bad = pred_dir / "sub-02/ses-1/anat/sub-02_ses-1_desc-cadiff_dseg.nii.gz"
-    _save(bad, _ref_map(), affine=np.diag([1.0, 1.0, 1.0, 1.0]))
-    out = tmp_path / "scores.tsv"
-    code = main([str(pred_dir), str(ref_dir), "--output", str(out)])
+    save_dseg(pred_dir / SUB02_PRED, ref_map(), affine=np.diag([1.0, 1.0, 1.0, 1.0]))
+    code = main([str(pred_dir), str(ref_dir), "--output", str(tmp_path / "scores.tsv")])
     captured = capsys.readouterr()
     assert code == 1
+    assert "1 image(s)" in captured.out
     assert "affine differs from reference" in captured.err
-    assert "sub-02_ses-1_dseg.nii.gz" in captured.err and bad.name in captured.err
-    scores = pd.read_csv(out, sep="\t")
-    assert set(scores["participant_id"]) == {"sub-01"}
+    assert "1 pair(s) could not be scored" in captured.err
 
 
-def test_custom_label_table(
+def test_label_table_from_tsv(
     dirs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     pred_dir, ref_dir = dirs
@@ -151,6 +86,11 @@ def test_custom_label_table(
     assert code == 0, captured.err
     rows = [line.split()[0] for line in captured.out.splitlines()[2:]]
     assert rows == ["Hippocampus", "mean"]
+    # A table without the columns is a usage error, in one line.
+    table.write_text("label\tcolour\n17\t#ffffff\n")
+    assert main([str(pred_dir), str(ref_dir), "--labels-table", str(table)]) == 2
+    err = capsys.readouterr().err
+    assert "needs an 'index' (or 'value') column" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize(
@@ -173,7 +113,7 @@ def test_usage_errors(
 
 
 def test_missing_folder_and_no_pairs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    empty = _dataset(tmp_path / "empty", "empty")
+    empty = derivatives_dataset(tmp_path / "empty", "empty")
     assert main([str(tmp_path / "absent"), str(empty)]) == 2
     assert "prediction folder does not exist" in capsys.readouterr().err
     assert main([str(empty), str(empty)]) == 2

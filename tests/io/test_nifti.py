@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from bids_cadiff.errors import InputError
-from bids_cadiff.io.nifti import load_t1w
+from bids_cadiff.io.nifti import load_label_map, load_t1w
 
 
 def _save(path, data, zooms=(1.0, 1.0, 1.0)):
@@ -45,8 +45,95 @@ def test_good_3d_and_single_volume_4d(tmp_path):
     ],
 )
 def test_bad_images_name_the_file_and_the_problem(tmp_path, make, message):
-    path = tmp_path / "sub-01_T1w.nii.gz"
+    _fails_naming_file_and_problem(load_t1w, tmp_path / "sub-01_T1w.nii.gz", make, message)
+
+
+def _fails_naming_file_and_problem(load, path, make, message):
+    """``make(path)`` writes a bad file; ``load(path)`` must raise an InputError naming it."""
     make(path)
     with pytest.raises(InputError, match=message) as info:
-        load_t1w(path)
+        load(path)
     assert str(path) in str(info.value)
+
+
+# --------------------------------------------------------------------------- label maps
+
+#: RAS grid of the label tests: 2 x 3 x 4 mm voxels, odd shape, off-centre origin.
+LABEL_SHAPE = (7, 8, 9)
+LABEL_AFFINE = np.array([[2.0, 0, 0, -7.0], [0, 3.0, 0, 5.0], [0, 0, 4.0, -11.0], [0, 0, 0, 1]])
+
+
+def _labels() -> np.ndarray:
+    """Distinct integer values, so that any misplaced voxel shows."""
+    return (np.arange(np.prod(LABEL_SHAPE)) % 251).reshape(LABEL_SHAPE).astype(np.int16)
+
+
+def _save_labels(path, data, affine=LABEL_AFFINE):
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return path
+
+
+def test_label_map_on_its_own_grid(tmp_path):
+    path = _save_labels(tmp_path / "sub-01_dseg.nii.gz", _labels())
+    loaded = load_label_map(path)
+    assert loaded.values.dtype == np.int32 and np.array_equal(loaded.values, _labels())
+    assert np.array_equal(loaded.affine, LABEL_AFFINE) and loaded.spacing == (2.0, 3.0, 4.0)
+    squeezed = load_label_map(_save_labels(tmp_path / "four_d.nii.gz", _labels()[..., None]))
+    assert np.array_equal(squeezed.values, _labels())
+    # Whole numbers stored as floats are labels; they come back as int32.
+    floats = load_label_map(_save_labels(tmp_path / "float.nii.gz", _labels().astype(np.float32)))
+    assert floats.values.dtype == np.int32 and np.array_equal(floats.values, _labels())
+
+
+def test_non_ras_label_map_keeps_its_orientation_and_lands_right_on_a_ras_grid(tmp_path):
+    ras = nib.Nifti1Image(_labels(), LABEL_AFFINE)
+    to_lia = nib.orientations.ornt_transform(
+        nib.orientations.axcodes2ornt(("R", "A", "S")), nib.orientations.axcodes2ornt(("L", "I", "A"))
+    )
+    lia = ras.as_reoriented(to_lia)
+    assert nib.aff2axcodes(lia.affine) == ("L", "I", "A")
+    path = _save_labels(tmp_path / "lia_dseg.nii.gz", np.asanyarray(lia.dataobj), lia.affine)
+    native = load_label_map(path)
+    assert native.values.shape == (7, 9, 8) and np.allclose(native.affine, lia.affine)
+    on_ras = load_label_map(path, ref_shape=LABEL_SHAPE, ref_affine=LABEL_AFFINE)
+    assert np.array_equal(on_ras.values, _labels())
+    assert np.array_equal(on_ras.affine, LABEL_AFFINE) and on_ras.spacing == (2.0, 3.0, 4.0)
+
+
+def test_label_map_resampled_onto_another_grid_by_nearest_neighbour(tmp_path):
+    path = _save_labels(tmp_path / "sub-01_dseg.nii.gz", _labels())
+    # Coarser, shifted, and reaching past the label map on every axis: no voxel centre of the
+    # reference falls half-way between two source voxels.
+    ref_shape = (5, 6, 7)
+    ref_affine = np.array([[3.0, 0, 0, -9.4], [0, 4.5, 0, 1.3], [0, 0, 5.0, -16.2], [0, 0, 0, 1]])
+    out = load_label_map(path, ref_shape=ref_shape, ref_affine=ref_affine)
+    ijk = np.indices(ref_shape).reshape(3, -1)
+    world = ref_affine[:3, :3] @ ijk + ref_affine[:3, 3:]
+    src = np.linalg.inv(LABEL_AFFINE)[:3, :3] @ world + np.linalg.inv(LABEL_AFFINE)[:3, 3:]
+    nearest = np.rint(src).astype(int)
+    inside = np.all((nearest >= 0) & (nearest < np.array(LABEL_SHAPE)[:, None]), axis=0)
+    expected = np.zeros(ijk.shape[1], np.int32)
+    expected[inside] = _labels()[tuple(nearest[:, inside])]
+    assert not inside.all() and inside.any()
+    assert out.values.dtype == np.int32
+    assert np.array_equal(out.values, expected.reshape(ref_shape))
+    assert out.spacing == (3.0, 4.5, 5.0) and np.array_equal(out.affine, ref_affine)
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda p: p.write_text("not an image"), "cannot be read"),
+        (lambda p: _save_labels(p, np.zeros((7, 8), np.int16)), "must be 3D"),
+        (lambda p: _save_labels(p, np.zeros((7, 8, 9, 2), np.int16)), "must be 3D"),
+        (lambda p: _save_labels(p, _labels().astype(np.float32) + 0.4), "non-integer"),
+    ],
+)
+def test_bad_label_maps_name_the_file_and_the_problem(tmp_path, make, message):
+    _fails_naming_file_and_problem(load_label_map, tmp_path / "sub-01_dseg.nii.gz", make, message)
+
+
+def test_label_map_reference_grid_needs_shape_and_affine(tmp_path):
+    path = _save_labels(tmp_path / "sub-01_dseg.nii.gz", _labels())
+    with pytest.raises(ValueError, match="both ref_shape and ref_affine"):
+        load_label_map(path, ref_shape=LABEL_SHAPE)

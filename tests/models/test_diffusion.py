@@ -104,3 +104,36 @@ def test_tiny_model_learns_nested_shapes_within_a_minute():
     scores = [dice(pred, labels, k) for k in (1, 2)]
     assert min(scores) > 0.9, scores
     assert elapsed < 60, f"took {elapsed:.0f} s"
+
+
+def test_timestep_fractions_weight_the_inference_cases():
+    model = tiny(t_m_max_fraction=0.5, t_d_zero_fraction=0.75)
+    gen = torch.Generator().manual_seed(0)
+    t_m = model._draw_timesteps(4000, 1000, 0.5, torch.device("cpu"), gen)
+    t_d = model._draw_timesteps(4000, 0, 0.75, torch.device("cpu"), gen)
+    assert 0.45 < float((t_m == 1000).float().mean()) < 0.55
+    assert 0.72 < float((t_d == 0).float().mean()) < 0.78
+    assert t_m.min() >= 0 and t_m.max() <= 1000 and t_d.max() <= 1000
+
+
+def test_zero_fractions_keep_the_uniform_random_stream():
+    """Fraction 0 makes one draw only, so recipes trained before the option reproduce."""
+    model = tiny()
+    a = model._draw_timesteps(16, 1000, 0.0, torch.device("cpu"), torch.Generator().manual_seed(1))
+    b = torch.randint(0, 1001, (16,), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5])
+def test_timestep_fractions_validated(value):
+    with pytest.raises(ValueError, match="t_m_max_fraction"):
+        DiffusionConfig(t_m_max_fraction=value)
+
+
+def test_weighted_recipe_trains_a_step():
+    model = tiny(t_m_max_fraction=0.5, t_d_zero_fraction=0.5, batch_dice=True)
+    image, dist, labels = nested_shapes(2, 8)
+    losses = model.training_losses(image, dist, labels, generator=torch.Generator().manual_seed(0))
+    losses["loss"].backward()
+    assert torch.isfinite(losses["loss"])
+    assert DiffusionConfig.from_dict(model.diffusion_config.to_dict()) == model.diffusion_config

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from bids_cadiff.models.losses import (
@@ -72,3 +73,20 @@ def test_diffusion_loss_terms():
     assert float(out["mse"]) == 0.0
     assert float(out["dice_ce"]) < 1e-3
     assert "mse" not in loss(None, None, perfect, labels)
+
+
+def test_batch_dice_scores_the_batch_as_one_volume():
+    labels = torch.randint(0, 3, (2, 1, 6, 6))
+    logits = torch.randn(2, 3, 6, 6)
+    batch = DiffusionLoss(batch_dice=True).dice_ce.dice(logits, labels)
+    # the same voxels side by side in one sample, scored per sample
+    joined = DiffusionLoss().dice_ce.dice(torch.cat(list(logits), -1)[None], torch.cat(list(labels), -1)[None])
+    torch.testing.assert_close(batch, joined)
+    assert not torch.allclose(batch, DiffusionLoss().dice_ce.dice(logits, labels))
+
+
+def test_batch_dice_is_perfect_for_perfect_prediction():
+    labels = torch.randint(0, 2, (2, 1, 6, 6))  # class 2 absent and not predicted
+    perfect = torch.nn.functional.one_hot(labels[:, 0], 3).movedim(-1, 1).float() * 50
+    out = DiffusionLoss(batch_dice=True)(None, None, perfect, labels)
+    assert float(out["dice_ce"]) < 1e-3
