@@ -229,10 +229,16 @@ def train(work: Path, files: list[Path], iterations: int, batch: int, lr: float,
         start_it = state["iteration"]
         log.info("resumed at iteration %d", start_it)
     log_path = work / f"train_log{phase}.tsv"
+    header = "iteration\tseconds\tloss\tdice_ce\tmse\tsac\tlr\n"
     if not log_path.exists():
-        log_path.write_text("iteration\tseconds\tloss\tdice_ce\tmse\tsac\tlr\n")
+        log_path.write_text(header)
+    # on resume: drop rows logged after the last saved state, and keep counting seconds on
+    lines = log_path.read_text().splitlines()[1:]
+    kept = [line for line in lines if int(line.split("\t")[0]) <= start_it]
+    if len(kept) != len(lines):
+        log_path.write_text(header + "".join(line + "\n" for line in kept))
     model.train()
-    t0 = time.time()
+    t0 = time.time() - (float(kept[-1].split("\t")[1]) if kept else 0.0)
     from tqdm import tqdm
 
     for it in tqdm(range(start_it, iterations), initial=start_it, total=iterations, mininterval=30):

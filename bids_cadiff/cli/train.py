@@ -18,7 +18,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from bids_cadiff import __version__
 from bids_cadiff.cli.arguments import existing_dir, existing_file, positive
@@ -51,6 +51,9 @@ RECIPE_OPTIONS: dict[str, tuple[str, str]] = {
     "consistency_loss": ("diffusion", "consistency_loss"),
     "similarity": ("diffusion", "similarity"),
     "sac_weight": ("diffusion", "sac_weight"),
+    "t_m_max_fraction": ("diffusion", "t_m_max_fraction"),
+    "t_d_zero_fraction": ("diffusion", "t_d_zero_fraction"),
+    "batch_dice": ("diffusion", "batch_dice"),
     "patch_size": ("training", "patch_size"),
     "batch_size": ("training", "batch_size"),
     "lr": ("training", "lr"),
@@ -77,6 +80,21 @@ def _fraction(value: str) -> float:
     if not 0 <= number < 1:
         raise argparse.ArgumentTypeError(f"--val-fraction must be in [0, 1), got {value!r} (e.g. 0.1)")
     return number
+
+
+def _probability(option: str) -> Callable[[str], float]:
+    """``type=`` for a probability in [0, 1] whose errors name ``option``."""
+
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{option} {value!r} is not a number") from None
+        if not 0 <= number <= 1:
+            raise argparse.ArgumentTypeError(f"{option} must be in [0, 1], got {value!r} (e.g. 0.5)")
+        return number
+
+    return parse
 
 
 def _resume(value: str) -> str | Path:
@@ -166,6 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train without the spatial-anatomical consistency loss")
     model.add_argument("--similarity", choices=("cosine", "dice"), help="Sim_M of L_sac")
     model.add_argument("--sac-weight", type=positive(float, "--sac-weight", zero=True))
+    model.add_argument("--t-m-max-fraction", type=_probability("--t-m-max-fraction"),
+                       metavar="P", help="fraction of samples trained at t_m = T, the sampler's "
+                       "first step (paper: 0, uniform timesteps)")
+    model.add_argument("--t-d-zero-fraction", type=_probability("--t-d-zero-fraction"),
+                       metavar="P", help="fraction of samples trained with the clean distance "
+                       "field, t_d = 0, as at inference (paper: 0)")
+    model.add_argument("--batch-dice", action="store_true",
+                       help="Dice loss over the whole batch instead of per sample")
 
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--patch-size", nargs="+", type=positive(int, "--patch-size"), metavar="N",

@@ -37,10 +37,22 @@ def test_parser_keeps_only_given_options(tmp_path: Path):
     assert "lr" not in vars(args) and "labels" not in vars(args)
 
 
+def test_parser_training_timestep_options(tmp_path: Path):
+    args = build_parser().parse_args(
+        [str(tmp_path), str(tmp_path), str(tmp_path / "o"), "--t-m-max-fraction", "0.5",
+         "--t-d-zero-fraction", "1", "--batch-dice"]
+    )
+    over = overrides_from_args(args)
+    assert over["diffusion"] == {"t_m_max_fraction": 0.5, "t_d_zero_fraction": 1.0, "batch_dice": True}
+    config = TrainConfig.from_dict(merge_recipes(load_recipe(CONFIGS / "cadiff_3d.toml"), over))
+    assert config.diffusion.t_m_max_fraction == 0.5 and config.diffusion.batch_dice
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--lr", "-1"], "--lr must be > 0"),
     (["--val-fraction", "1.5"], "--val-fraction must be in [0, 1)"),
     (["--mode", "joint"], "invalid choice"),
+    (["--t-m-max-fraction", "1.5"], "--t-m-max-fraction must be in [0, 1]"),
 ])
 def test_parser_rejects_bad_values(tmp_path: Path, capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
