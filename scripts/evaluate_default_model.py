@@ -6,7 +6,8 @@ baseline on the same subjects (the numbers of docs/model_card.md).
         [--atlases sub-03,sub-04,sub-06,sub-07] [--out docs/model_card_scores.tsv]
 
 For each test subject: CA-Diff through the app's own pipeline (raw T1.mgz with skull, and
-brainmask.mgz without), and the multi-atlas baseline (each atlas subject registered to the test
+brainmask.mgz without), for a model with a label prior also the prior alone (the network's
+logits set to zero), and the multi-atlas baseline (each atlas subject registered to the test
 image with the app's registration, labels majority-voted). Scores: Dice and NSD (1 mm) per
 structure on the aseg grid, aseg mapped to the 32 structures. Prints a Markdown table and writes
 per-subject scores to a TSV.
@@ -15,6 +16,8 @@ per-subject scores to a TSV.
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -53,6 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     if not FSTD.is_dir():
         sys.exit(f"evaluate_default_model: {FSTD} is missing (the project's shared data)")
     loaded = load_model(args.model)
+    prior_only = None
+    if loaded.model.model_config.label_prior_bins:
+        # the label prior alone: the same model with its network's label logits set to zero,
+        # so the app's pipeline runs unchanged and only log P(label | D0) decides
+        silenced = copy.deepcopy(loaded.model)
+        torch.nn.init.zeros_(silenced.denoiser.label_head.weight)
+        torch.nn.init.zeros_(silenced.denoiser.label_head.bias)
+        prior_only = dataclasses.replace(loaded, model=silenced)
     atlas = resolve_atlas(None)
     table = loaded.metadata.labels
     structures = list(range(1, table.num_classes))
@@ -78,11 +89,14 @@ def main(argv: list[str] | None = None) -> int:
         ref_idx = table.value_to_index(ref_values)
         zooms = tuple(float(z) for z in aseg.header.get_zooms()[:3])
         cadiff_inputs = () if args.no_cadiff else (
-            ("CA-Diff (skull on)", "T1.mgz"), ("CA-Diff (skull off)", "brainmask.mgz"))
-        for method, fname in cadiff_inputs:
+            ("CA-Diff (skull on)", "T1.mgz", loaded), ("CA-Diff (skull off)", "brainmask.mgz", loaded))
+        if prior_only is not None and not args.no_cadiff:
+            cadiff_inputs += (("Label prior alone (skull on)", "T1.mgz", prior_only),)
+        for method, fname, model in cadiff_inputs:
             t1 = load_t1w(FSTD / subject / fname)
             values, _, _ = segment_t1w(
-                t1, loaded, atlas=atlas, steps=5, seed=0, device=torch.device("cpu"),
+                t1, model, atlas=atlas, steps=model.model.diffusion_config.sampling_steps,
+                seed=0, device=torch.device("cpu"),
                 cache_dir=args.work / "registration", image_path=FSTD / subject / fname,
             )
             score(method, subject, table.value_to_index(values), ref_idx, zooms)

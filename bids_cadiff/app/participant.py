@@ -260,12 +260,25 @@ def process_record(
         },
         extra={
             "ModelVoxelSizeMM": list(loaded.metadata.voxel_size),
+            "LabelPrior": _label_prior_description(loaded),
             "StageSeconds": {k: round(v, 2) for k, v in timings.items()},
             "GeneratedBy": {"Name": "bids_cadiff", "Version": __version__},
         },
     )
     deriv.write_dseg_sidecar(deriv.dseg_sidecar_path(out, entities), sidecar)
     return timings
+
+
+def _label_prior_description(loaded: LoadedModel) -> dict[str, object] | None:
+    """The sidecar's account of the model's distance-field label prior (None: it has none)."""
+    bins = loaded.model.model_config.label_prior_bins
+    if not bins:
+        return None
+    return {
+        "Description": "log P(label | atlas coordinate) from the training label maps, added "
+        "to the network's logits (bids_cadiff.models.prior)",
+        "Cells": [bins, bins, bins],
+    }
 
 
 def _worker_init(threads: int) -> None:

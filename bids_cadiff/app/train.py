@@ -363,6 +363,21 @@ def split_participants(
     return train, val
 
 
+def _label_prior(items: Sequence["TrainingItem"], model: ModelConfig) -> np.ndarray:
+    """The distance-field label prior of the training images (``label_prior_bins`` cells)."""
+    from bids_cadiff.models.prior import build_label_prior
+
+    if not items:
+        raise UsageError("a label prior needs training images, and none were found")
+    start = time.perf_counter()
+    probs = build_label_prior(
+        ((it.distance, it.labels) for it in items), model.num_classes, model.label_prior_bins
+    )
+    logger.info("label prior from %d training image(s), %d³ cells, in %.1f s",
+                len(items), model.label_prior_bins, time.perf_counter() - start)
+    return probs
+
+
 def prepare_items(
     pairs: Sequence[TrainingPair],
     *,
@@ -503,6 +518,8 @@ def run_training(
         val_items = [it for it in items if by_pair[it.name].subject in val_subjects]
         torch.manual_seed(config.training.seed)
         model = CADiff(config.model, config.diffusion)
+        if config.model.label_prior_bins:
+            model.set_label_prior(torch.as_tensor(_label_prior(train_items, config.model)))
         metadata = ModelMetadata(
             name=config.name,
             labels=table,

@@ -46,6 +46,7 @@ RECIPE_OPTIONS: dict[str, tuple[str, str]] = {
     "channels": ("model", "channels"),
     "num_res_blocks": ("model", "num_res_blocks"),
     "time_embed_dim": ("model", "time_embed_dim"),
+    "label_prior_bins": ("model", "label_prior_bins"),
     "timesteps": ("diffusion", "timesteps"),
     "sampling_steps": ("diffusion", "sampling_steps"),
     "consistency_loss": ("diffusion", "consistency_loss"),
@@ -177,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="feature widths per U-Net level (default 16 32 64 128)")
     model.add_argument("--num-res-blocks", type=positive(int, "--num-res-blocks"))
     model.add_argument("--time-embed-dim", type=positive(int, "--time-embed-dim"))
+    model.add_argument("--label-prior-bins", type=positive(int, "--label-prior-bins", zero=True),
+                       metavar="B", help="add a distance-field label prior on B³ cells, built "
+                       "from the training labels, to the logits (0: none, the paper; the default "
+                       "model uses 48)")
     model.add_argument("--timesteps", type=positive(int, "--timesteps"), help="T (default 1000)")
     model.add_argument("--sampling-steps", type=positive(int, "--sampling-steps"),
                        help="DDIM steps S for validation/inference (default 5)")

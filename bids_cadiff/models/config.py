@@ -48,6 +48,9 @@ class ModelConfig:
         taca_kernel_sizes: one dynamic 1D convolution group per kernel size.
         taca_num_kernels: K, the kernels each dynamic convolution mixes.
         mode: ``"diffusion"``, ``"dual"`` or ``"collaborative"`` (see module docstring).
+        label_prior_bins: 0 (paper): none. ``B > 0``: the model carries a distance-field label
+            prior on a ``B³`` grid (:mod:`bids_cadiff.models.prior`) and adds its
+            log-probabilities to the logits; needs a distance field (not ``diffusion``).
     """
 
     spatial_dims: int = 3
@@ -60,8 +63,13 @@ class ModelConfig:
     taca_kernel_sizes: tuple[int, ...] = (7, 11, 15)
     taca_num_kernels: int = 4
     mode: str = "collaborative"
+    label_prior_bins: int = 0
 
     def __post_init__(self) -> None:
+        if self.label_prior_bins < 0 or self.label_prior_bins == 1:
+            raise ValueError(f"label_prior_bins must be 0 or >= 2, got {self.label_prior_bins}")
+        if self.label_prior_bins and self.mode == "diffusion":
+            raise ValueError("a label prior needs the distance field: not in mode 'diffusion'")
         if self.spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
         if self.mode not in MODES:

@@ -29,6 +29,7 @@ from torch import nn
 from bids_cadiff.models.config import DiffusionConfig, ModelConfig
 from bids_cadiff.models.denoiser import CADiffDenoiser
 from bids_cadiff.models.losses import DiffusionLoss, consistency_loss
+from bids_cadiff.models.prior import prior_log_probs
 
 
 def alpha_bar_schedule(schedule: str, timesteps: int) -> torch.Tensor:
@@ -76,6 +77,36 @@ class CADiff(nn.Module):
         self.loss_fn = DiffusionLoss(batch_dice=diffusion_config.batch_dice)
         ab = alpha_bar_schedule(diffusion_config.schedule, diffusion_config.timesteps)
         self.register_buffer("alpha_bar", ab.float(), persistent=False)
+        bins = model_config.label_prior_bins
+        if bins:
+            # log P(label | D0) (models/prior.py); saved with the weights, set before training
+            self.register_buffer(
+                "label_prior", torch.zeros(model_config.num_classes, bins, bins, bins)
+            )
+
+    def set_label_prior(self, probs: torch.Tensor) -> None:
+        """Store a prior from :func:`~bids_cadiff.models.prior.build_label_prior`:
+        ``(C, B, B, B)`` probabilities (their logarithm is kept)."""
+        if not self.model_config.label_prior_bins:
+            raise ValueError("this model has no label prior (ModelConfig.label_prior_bins = 0)")
+        if tuple(probs.shape) != tuple(self.label_prior.shape):
+            raise ValueError(f"prior shape {tuple(probs.shape)} != {tuple(self.label_prior.shape)}")
+        self.label_prior.copy_(torch.log(probs.to(self.label_prior)))
+
+    def _logits(
+        self,
+        image: torch.Tensor,
+        d_in: torch.Tensor | None,
+        m_t: torch.Tensor,
+        t_d: torch.Tensor,
+        t_m: torch.Tensor,
+        clean_distance: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The denoiser, plus ``log P(label | D0)`` of the clean field when there is a prior."""
+        d0_hat, logits = self.denoiser(image, d_in, m_t, t_d, t_m)
+        if self.model_config.label_prior_bins and clean_distance is not None:
+            logits = logits + prior_log_probs(self.label_prior, clean_distance).to(logits.dtype)
+        return d0_hat, logits
 
     @property
     def num_classes(self) -> int:
@@ -160,7 +191,7 @@ class CADiff(nn.Module):
             t_d = torch.zeros(batch, dtype=torch.long, device=device)
             d_noise = None
         d_t = self._distance_input(distance, t_d, d_noise)
-        d0_hat, logits = self.denoiser(image, d_t, m_t, t_d, t_m)
+        d0_hat, logits = self._logits(image, d_t, m_t, t_d, t_m, distance)
         losses = self.loss_fn(d0_hat, distance, logits, labels)
         total = sum(losses.values())
         if self.diffusion_config.consistency_loss:
@@ -208,7 +239,7 @@ class CADiff(nn.Module):
         probs = x
         for t, t_next in zip(schedule[:-1], schedule[1:]):
             t_m = torch.full_like(t_d, t)
-            _, logits = self.denoiser(image, d_in, x, t_d, t_m)
+            _, logits = self._logits(image, d_in, x, t_d, t_m, distance)
             probs = torch.softmax(logits.float(), dim=1)
             x0 = 2.0 * probs - 1.0
             ab, ab_next = self.alpha_bar[t], self.alpha_bar[t_next]

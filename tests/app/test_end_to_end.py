@@ -45,6 +45,7 @@ def test_chris_t1_end_to_end(tmp_path, validator_exe):
     )
     assert sidecar["Registration"]["Value"] > 0.4
     assert sidecar["Model"]["Name"] == "cadiff-default"
+    assert sidecar["LabelPrior"]["Cells"] == [48, 48, 48]
 
     # anatomically plausible: brain volume, hemispheres on their sides, structures present
     volumes = dict(zip(*[line.split("\t") for line in

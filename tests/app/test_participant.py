@@ -55,6 +55,7 @@ def test_participant_outputs_resume_and_failures(dataset, tiny_model, tmp_path, 
         assert sidecar["Sources"] == [f"bids:raw:{src}"]
         assert sidecar["Model"]["Name"] == "tiny" and len(sidecar["Model"]["SHA256"]) == 64
         assert sidecar["SamplingSteps"] == 2 and sidecar["RandomSeed"] == 0
+        assert sidecar["LabelPrior"] is None  # the tiny model carries none
         assert sidecar["Registration"]["Value"] > 0.25
         assert (out / rel.replace("_dseg.nii.gz", "_volumes.tsv")).is_file()
     assert (out / "sub-01" / "figures" / "sub-01_desc-cadiff_dseg.png").stat().st_size > 1000

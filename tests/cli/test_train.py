@@ -111,6 +111,19 @@ def test_config_file_with_cli_override_and_2d(dataset, tmp_path: Path):
     assert loaded.metadata.training["recipe"]["training"]["batch_size"] == 2
 
 
+def test_train_with_label_prior(dataset, tmp_path: Path):
+    bids, labels, atlas = dataset
+    out = tmp_path / "prior"
+    assert main([str(bids), str(labels), str(out), "--atlas", str(atlas), *TINY_ARGS,
+                 "--iterations", "2", "--val-every", "2", "--label-prior-bins", "6"]) == 0
+    model = load_checkpoint(out / "model.pt").model
+    assert model.model_config.label_prior_bins == 6
+    probs = model.label_prior.exp()
+    assert probs.shape == (8, 6, 6, 6)
+    torch.testing.assert_close(probs.sum(0), torch.ones(6, 6, 6), atol=1e-2, rtol=0)
+    assert (probs[1:].amax(0) > 0.5).any()  # the brain's classes are in it
+
+
 def test_usage_errors_are_one_line(dataset, tmp_path: Path, capsys):
     bids, labels, atlas = dataset
     assert main([str(bids), str(labels), str(bids), *TINY_ARGS]) == 2

@@ -131,3 +131,24 @@ def test_mismatched_weights(tmp_path):
     torch.save(payload, path)
     with pytest.raises(CheckpointError, match="do not match"):
         load_checkpoint(path)
+
+
+def test_label_prior_travels_in_the_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = CADiff(
+        ModelConfig(spatial_dims=3, num_classes=3, channels=(4, 8), time_embed_dim=16,
+                    label_prior_bins=6),
+        DiffusionConfig(sampling_steps=2),
+    )
+    probs = torch.softmax(torch.randn(3, 6, 6, 6), dim=0)
+    model.set_label_prior(probs)
+    path = tmp_path / "prior.pt"
+    save_checkpoint(path, model, _meta(), half=True)
+    loaded = load_checkpoint(path)
+    assert loaded.model.model_config.label_prior_bins == 6
+    # half precision storage: the log-probabilities to about 3 significant digits
+    torch.testing.assert_close(loaded.model.label_prior, torch.log(probs), atol=1e-2, rtol=1e-3)
+    image, field = torch.rand(1, 1, 8, 8, 8), torch.rand(1, 3, 8, 8, 8)
+    a = model.eval().sample(image, field, generator=torch.Generator().manual_seed(1))
+    b = loaded.model.sample(image, field, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, b, atol=2e-2, rtol=0)
