@@ -201,16 +201,18 @@ def train(work: Path, files: list[Path], iterations: int, batch: int, lr: float,
           *, phase: str = "", init: Path | None = None, balanced: bool = False,
           diffusion: dict | None = None, real_fraction: float | None = None,
           balanced_fraction: float | None = None, stop_at: int | None = None,
-          prior: bool = False) -> Path:
+          prior: bool = False, elastic: bool = False) -> Path:
     """One training phase; ``init``: start from the weights of a finished phase's state.
 
     ``stop_at``: end the phase there although its schedule runs to ``iterations``.
     ``prior``: the model carries the label prior built from ``files`` (phase 4).
+    ``elastic``: a smooth random deformation after the random affine (phase 4).
     """
     from monai.transforms import RandAffined
 
     from bids_cadiff.models.config import DiffusionConfig, ModelConfig
     from bids_cadiff.models.diffusion import CADiff
+    from bids_cadiff.training.synth import deform, smooth_deformation
 
     torch.manual_seed(seed)
     model = CADiff(ModelConfig.from_dict(MODEL_PHASE4 if prior else MODEL),
@@ -236,7 +238,10 @@ def train(work: Path, files: list[Path], iterations: int, batch: int, lr: float,
     start_it = 0
     if state_path.is_file():
         state = torch.load(state_path, weights_only=False)
-        model.load_state_dict(state["model"])
+        # the label prior may be left out of a state (artifacts/): it is rebuilt from the data
+        missing, unexpected = model.load_state_dict(state["model"], strict=False)
+        if unexpected or set(missing) - ({"label_prior"} if prior else set()):
+            raise RuntimeError(f"{state_path}: weights do not match (missing {missing}, unexpected {unexpected})")
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         sampler.rng.bit_generator.state = state["sampler_rng"]
@@ -264,6 +269,10 @@ def train(work: Path, files: list[Path], iterations: int, batch: int, lr: float,
         for _ in range(batch):
             image, distance, labels = sampler.sample()
             out = affine({"image": image[None], "distance": distance, "labels": labels[None].astype(np.float32)})
+            if elastic:  # image, field and labels deformed together
+                arrays = {k: np.asarray(out[k]) for k in ("image", "distance", "labels")}
+                out = deform(arrays, smooth_deformation(arrays["image"].shape[1:], sampler.rng),
+                             nearest=("labels",))
             imgs.append(torch.as_tensor(np.asarray(out["image"])))
             dists.append(torch.as_tensor(np.asarray(out["distance"])))
             labs.append(torch.as_tensor(np.asarray(out["labels"])).round().long())
@@ -318,7 +327,11 @@ def export(work: Path, dest: Path, files: list[Path], iterations: int, args: arg
     diffusion = DIFFUSION_PHASE3 if phases[-1] in ("_phase3", "_phase4") else DIFFUSION
     model_config = MODEL_PHASE4 if phases[-1] == "_phase4" else MODEL
     model = CADiff(ModelConfig.from_dict(model_config), DiffusionConfig.from_dict(diffusion))
-    model.load_state_dict(state["model"])
+    weights = dict(state["model"])
+    if model_config.get("label_prior_bins") and "label_prior" not in weights:
+        model.set_label_prior(torch.as_tensor(label_prior(files)))  # a state without it
+        weights["label_prior"] = model.label_prior
+    model.load_state_dict(weights)
     atlas = resolve_atlas(None)
     hours, total_iterations = 0.0, 0
     for p in phases:
@@ -338,8 +351,8 @@ def export(work: Path, dest: Path, files: list[Path], iterations: int, args: arg
                        "70% real images, half class-balanced, t_m=T / t_d=0 for half, batch "
                        "Dice, OneCycle phase3-lr (schedule planned over phase3-iterations, "
                        "stopped at phase3-stop-at)": args.phase3_stop_at,
-                       "as phase 3 plus the distance-field label prior added to the logits, "
-                       "OneCycle phase4-lr": args.phase4_iterations},
+                       "as phase 3 plus the distance-field label prior added to the logits and "
+                       "smooth random deformations, OneCycle phase4-lr": args.phase4_iterations},
             "label_prior": {"bins": PRIOR_BINS, "sigma": PRIOR_SIGMA} if phases[-1] == "_phase4" else None,
             "hours": round(hours, 2), "hardware": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "batch_size": args.batch, "lr": args.lr,
@@ -362,8 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phase3-stop-at", type=int, default=1200,
                         help="end phase 3 here (the shipped run stopped at 1200 of 3600 to "
                         "make room for phase 4)")
-    parser.add_argument("--phase4-iterations", type=int, default=3200,
-                        help="fourth phase: as phase 3 with the label prior in the model")
+    parser.add_argument("--phase4-iterations", type=int, default=2400,
+                        help="fourth phase: as phase 3 with the label prior in the model and "
+                        "smooth random deformations")
     parser.add_argument("--phase4-lr", type=float, default=5e-4)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -397,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.phase4_iterations:
             train(args.work, files, args.phase4_iterations, args.batch, args.phase4_lr,
                   args.seed + 3, phase="_phase4", init=last, diffusion=DIFFUSION_PHASE3,
-                  real_fraction=0.7, balanced_fraction=0.5, prior=True)
+                  real_fraction=0.7, balanced_fraction=0.5, prior=True, elastic=True)
     if args.stage in ("all", "export"):
         export(args.work, args.output, files, args.iterations, args)
     return 0

@@ -96,3 +96,70 @@ def augment_intensity(image: np.ndarray, rng: np.random.Generator) -> np.ndarray
     out = out + rng.normal(0, rng.uniform(0.0, 0.04), size=out.shape).astype(np.float32)
     out = np.clip(out, 0, None) * rng.uniform(0.5, 3000.0)
     return out.astype(np.float32)
+
+
+def smooth_deformation(
+    shape: tuple[int, int, int],
+    rng: np.random.Generator,
+    max_voxels: float = 3.0,
+    control_points: int = 5,
+) -> np.ndarray:
+    """A smooth random displacement field, in the SynthSeg manner (cheap: a coarse grid).
+
+    Normal displacements on a ``control_points³`` grid with a standard deviation drawn
+    uniformly from ``[0, max_voxels / 2]`` are upsampled (trilinear) to the patch.
+
+    Args:
+        shape: the patch ``(X, Y, Z)``.
+        rng: random generator.
+        max_voxels: scale of the displacements (about the largest, in voxels).
+        control_points: coarse grid size per axis (smoothness: fewer is smoother).
+
+    Returns:
+        float32 ``(3, X, Y, Z)`` displacement in voxels along each axis.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    std = rng.uniform(0.0, max_voxels / 2.0)
+    coarse = rng.normal(0.0, std, size=(1, 3, control_points, control_points, control_points))
+    fine = F.interpolate(torch.from_numpy(coarse.astype(np.float32)), size=tuple(shape),
+                         mode="trilinear", align_corners=True)
+    return fine[0].numpy()
+
+
+def deform(
+    arrays: dict[str, np.ndarray], displacement: np.ndarray, nearest: tuple[str, ...] = ()
+) -> dict[str, np.ndarray]:
+    """Warp channel-first ``(C, X, Y, Z)`` arrays by one displacement field (jointly).
+
+    Args:
+        arrays: name → ``(C, X, Y, Z)`` array, all on the displacement's grid.
+        displacement: ``(3, X, Y, Z)`` voxels, from :func:`smooth_deformation`.
+        nearest: names resampled with nearest neighbour (label maps); others linearly.
+
+    Returns:
+        the warped arrays (same shapes and dtypes); outside the patch is 0.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    shape = displacement.shape[1:]
+    position = np.indices(shape, dtype=np.float32) + displacement
+    scale = np.array([max(s - 1, 1) for s in shape], dtype=np.float32).reshape(3, 1, 1, 1)
+    # grid_sample wants (x, y, z) = (last, middle, first) array axis, in [-1, 1]
+    grid = torch.from_numpy(2.0 * position / scale - 1.0).flip(0).permute(1, 2, 3, 0)[None]
+    out: dict[str, np.ndarray] = {}
+    for mode, names in (("bilinear", [n for n in arrays if n not in nearest]),
+                        ("nearest", [n for n in arrays if n in nearest])):
+        if not names:
+            continue
+        stacked = torch.from_numpy(np.concatenate([arrays[n].astype(np.float32) for n in names]))
+        warped = F.grid_sample(stacked[None], grid, mode=mode, padding_mode="zeros",
+                               align_corners=True)[0].numpy()
+        start = 0
+        for n in names:
+            count = arrays[n].shape[0]
+            out[n] = warped[start : start + count].astype(arrays[n].dtype)
+            start += count
+    return {n: out[n] for n in arrays}
