@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Evaluate the default model on held-out fstd subjects against aseg, next to the multi-atlas
-baseline on the same subjects (the numbers of docs/model_card.md).
+baseline on the same subjects (the numbers of bids_cadiff/data/model_card.md).
 
     python scripts/evaluate_default_model.py [--model PATH] [--test sub-01,sub-02]
-        [--atlases sub-03,sub-04,sub-06,sub-07] [--out docs/model_card_scores.tsv]
+        [--atlases sub-03,sub-04,sub-06,sub-07] [--out bids_cadiff/data/model_card_scores.tsv]
 
 For each test subject: CA-Diff through the app's own pipeline (raw T1.mgz with skull, and
 brainmask.mgz without), for a model with a label prior also the prior alone (the network's
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test", default="sub-01,sub-02")
     parser.add_argument("--atlases", default="sub-03,sub-04,sub-06,sub-07")
     parser.add_argument("--work", type=Path, default=REPO / "work" / "evaluate")
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "model_card_scores.tsv")
+    parser.add_argument("--out", type=Path, default=REPO / "bids_cadiff" / "data" / "model_card_scores.tsv")
     parser.add_argument("--no-multiatlas", action="store_true")
     parser.add_argument("--no-cadiff", action="store_true", help="only the multi-atlas baseline")
     args = parser.parse_args(argv)

@@ -52,12 +52,16 @@ def test_chris_t1_end_to_end(tmp_path, validator_exe):
                          (out / "sub-demo/anat/sub-demo_desc-cadiff_volumes.tsv").read_text().splitlines()]))
     assert 800_000 < float(volumes["TotalBrain"]) < 1_900_000
     present = set(np.unique(labels).tolist())
-    assert {2, 3, 41, 42, 8, 47, 16} <= present  # WM, cortex, cerebellum, brain stem
+    # WM, cortex, cerebellum, brain stem, and the subcortical structures and ventricles
+    assert {2, 3, 41, 42, 8, 47, 16, 10, 49, 11, 50, 12, 51, 4, 43, 17, 53} <= present
+    thalamus_mm3 = [float(volumes[k]) for k in ("L-TH", "R-TH")]
+    assert all(4_000 < v < 12_000 for v in thalamus_mm3), thalamus_mm3
     world_x = {}
-    for value in (2, 41):
+    for value in (2, 41, 10, 49):
         idx = np.argwhere(labels == value)[::50]
         world_x[value] = (nib.affines.apply_affine(seg.affine, idx)[:, 0]).mean()
     assert world_x[2] < world_x[41]  # left WM on the left (RAS x smaller)
+    assert world_x[10] < world_x[49]  # left thalamus on the left
 
     proc = subprocess.run([str(validator_exe), str(out), "--format", "json", "--no-color"],
                           capture_output=True, text=True, timeout=300)
