@@ -149,7 +149,8 @@ class PatchSampler:
         self.balanced = balanced
         self.real_fraction = real_fraction
         self.balanced_fraction = balanced_fraction
-        self.real_items = [i for i, item in enumerate(self.items) if bool(item["real"])]
+        self.all_items = list(range(len(self.items)))
+        self.real_items = [i for i in self.all_items if bool(self.items[i]["real"])]
 
     def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         from bids_cadiff.imaging.preprocess import normalise_intensity
@@ -162,8 +163,8 @@ class PatchSampler:
             balanced = self.balanced
         else:
             use_real = rng.random() < self.real_fraction
-            pool = self.real_items if use_real else range(len(self.items))
-            item = self.items[int(list(pool)[int(rng.integers(len(pool)))])]
+            pool = self.real_items if use_real else self.all_items
+            item = self.items[pool[int(rng.integers(len(pool)))]]
             balanced = rng.random() < (self.balanced_fraction or 0.0)
         values = item["values"]
         if balanced:  # class-balanced: a structure uniformly, then one of its voxels
@@ -220,10 +221,7 @@ def train(work: Path, files: list[Path], iterations: int, batch: int, lr: float,
     if prior:
         model.set_label_prior(torch.as_tensor(label_prior(files)))
     if init is not None:
-        missing, unexpected = model.load_state_dict(
-            torch.load(init, weights_only=False)["model"], strict=False)
-        if unexpected or set(missing) - {"label_prior"}:
-            raise RuntimeError(f"{init}: weights do not match (missing {missing}, unexpected {unexpected})")
+        _load_weights(model, torch.load(init, weights_only=False)["model"], init)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=iterations, pct_start=0.05)
     sampler = PatchSampler(files, seed, balanced=balanced, real_fraction=real_fraction,
@@ -238,10 +236,7 @@ def train(work: Path, files: list[Path], iterations: int, batch: int, lr: float,
     start_it = 0
     if state_path.is_file():
         state = torch.load(state_path, weights_only=False)
-        # the label prior may be left out of a state (artifacts/): it is rebuilt from the data
-        missing, unexpected = model.load_state_dict(state["model"], strict=False)
-        if unexpected or set(missing) - ({"label_prior"} if prior else set()):
-            raise RuntimeError(f"{state_path}: weights do not match (missing {missing}, unexpected {unexpected})")
+        _load_weights(model, state["model"], state_path)
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         sampler.rng.bit_generator.state = state["sampler_rng"]
@@ -298,6 +293,18 @@ def train(work: Path, files: list[Path], iterations: int, batch: int, lr: float,
     return state_path
 
 
+def _load_weights(model: torch.nn.Module, weights: dict, source: Path) -> None:
+    """Load ``weights`` exactly; weights without the label prior (a phase-3 state, or a state
+    in artifacts/, which leaves it out) keep the model's own, rebuilt from the data."""
+    weights = dict(weights)
+    if model.model_config.label_prior_bins:
+        weights.setdefault("label_prior", model.label_prior)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{source}: weights do not match this phase's model ({exc})") from None
+
+
 def label_prior(files: list[Path]) -> np.ndarray:
     """The distance-field label prior of the training maps: ``(33, B, B, B)`` probabilities."""
     from bids_cadiff.labels import SYNTHSEG32
@@ -327,11 +334,9 @@ def export(work: Path, dest: Path, files: list[Path], iterations: int, args: arg
     diffusion = DIFFUSION_PHASE3 if phases[-1] in ("_phase3", "_phase4") else DIFFUSION
     model_config = MODEL_PHASE4 if phases[-1] == "_phase4" else MODEL
     model = CADiff(ModelConfig.from_dict(model_config), DiffusionConfig.from_dict(diffusion))
-    weights = dict(state["model"])
-    if model_config.get("label_prior_bins") and "label_prior" not in weights:
+    if model_config.get("label_prior_bins") and "label_prior" not in state["model"]:
         model.set_label_prior(torch.as_tensor(label_prior(files)))  # a state without it
-        weights["label_prior"] = model.label_prior
-    model.load_state_dict(weights)
+    _load_weights(model, state["model"], work / f"train_state{phases[-1]}.pt")
     atlas = resolve_atlas(None)
     hours, total_iterations = 0.0, 0
     for p in phases:

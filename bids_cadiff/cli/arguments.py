@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["existing_dir", "existing_file", "positive"]
+__all__ = ["existing_dir", "existing_file", "fraction", "positive"]
 
 
 def existing_dir(what: str) -> Callable[[str], Path]:
@@ -54,6 +54,24 @@ def positive(kind: type, what: str, *, zero: bool = False) -> Callable[[str], An
         if number < 0 or (number == 0 and not zero):
             raise argparse.ArgumentTypeError(
                 f"{what} must be {'>= 0' if zero else '> 0'}, got {value!r}"
+            )
+        return number
+
+    check.__name__ = what
+    return check
+
+
+def fraction(what: str, *, one: bool, example: str) -> Callable[[str], float]:
+    """A number in [0, 1] (``one``) or [0, 1); ``example`` is a value to suggest."""
+
+    def check(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} {value!r} is not a number") from None
+        if not (0 <= number <= 1 if one else 0 <= number < 1):
+            raise argparse.ArgumentTypeError(
+                f"{what} must be in [0, 1{']' if one else ')'}, got {value!r} (e.g. {example})"
             )
         return number
 

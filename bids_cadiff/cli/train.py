@@ -18,10 +18,10 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from bids_cadiff import __version__
-from bids_cadiff.cli.arguments import existing_dir, existing_file, positive
+from bids_cadiff.cli.arguments import existing_dir, existing_file, fraction, positive
 from bids_cadiff.cli.errors import EXIT_OK, argparse_exit_code, run_with_exit_code
 from bids_cadiff.cli.parser import _OneLineParser
 from bids_cadiff.cli.run import set_threads, setup_logging
@@ -71,31 +71,6 @@ RECIPE_OPTIONS: dict[str, tuple[str, str]] = {
 
 
 # --------------------------------------------------------------------------- type= validators
-
-
-def _fraction(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--val-fraction {value!r} is not a number") from None
-    if not 0 <= number < 1:
-        raise argparse.ArgumentTypeError(f"--val-fraction must be in [0, 1), got {value!r} (e.g. 0.1)")
-    return number
-
-
-def _probability(option: str) -> Callable[[str], float]:
-    """``type=`` for a probability in [0, 1] whose errors name ``option``."""
-
-    def parse(value: str) -> float:
-        try:
-            number = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{option} {value!r} is not a number") from None
-        if not 0 <= number <= 1:
-            raise argparse.ArgumentTypeError(f"{option} must be in [0, 1], got {value!r} (e.g. 0.5)")
-        return number
-
-    return parse
 
 
 def _resume(value: str) -> str | Path:
@@ -150,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="subjects to use (training and validation); default: all")
     data.add_argument("--val-participants", nargs="+", type=_label, metavar="LABEL",
                       help="subjects held out for validation Dice")
-    data.add_argument("--val-fraction", type=_fraction, metavar="F",
+    data.add_argument("--val-fraction", type=fraction("--val-fraction", one=False, example="0.1"), metavar="F",
                       help="fraction of subjects held out when --val-participants is not given "
                       "(default 0.1)")
     data.add_argument("--labels", metavar="NAME_OR_TSV",
@@ -189,10 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train without the spatial-anatomical consistency loss")
     model.add_argument("--similarity", choices=("cosine", "dice"), help="Sim_M of L_sac")
     model.add_argument("--sac-weight", type=positive(float, "--sac-weight", zero=True))
-    model.add_argument("--t-m-max-fraction", type=_probability("--t-m-max-fraction"),
+    model.add_argument("--t-m-max-fraction", type=fraction("--t-m-max-fraction", one=True, example="0.5"),
                        metavar="P", help="fraction of samples trained at t_m = T, the sampler's "
                        "first step (paper: 0, uniform timesteps)")
-    model.add_argument("--t-d-zero-fraction", type=_probability("--t-d-zero-fraction"),
+    model.add_argument("--t-d-zero-fraction", type=fraction("--t-d-zero-fraction", one=True, example="0.5"),
                        metavar="P", help="fraction of samples trained with the clean distance "
                        "field, t_d = 0, as at inference (paper: 0)")
     model.add_argument("--batch-dice", action="store_true",

@@ -93,6 +93,12 @@ class CADiff(nn.Module):
             raise ValueError(f"prior shape {tuple(probs.shape)} != {tuple(self.label_prior.shape)}")
         self.label_prior.copy_(torch.log(probs.to(self.label_prior)))
 
+    def _prior_offset(self, clean_distance: torch.Tensor | None) -> torch.Tensor | None:
+        """``log P(label | D0)`` of the clean field, ``(B, C, *S)``; None without a prior."""
+        if not self.model_config.label_prior_bins or clean_distance is None:
+            return None
+        return prior_log_probs(self.label_prior, clean_distance)
+
     def _logits(
         self,
         image: torch.Tensor,
@@ -100,12 +106,12 @@ class CADiff(nn.Module):
         m_t: torch.Tensor,
         t_d: torch.Tensor,
         t_m: torch.Tensor,
-        clean_distance: torch.Tensor | None,
+        offset: torch.Tensor | None,
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """The denoiser, plus ``log P(label | D0)`` of the clean field when there is a prior."""
+        """The denoiser, plus the prior's ``offset`` (:meth:`_prior_offset`) when there is one."""
         d0_hat, logits = self.denoiser(image, d_in, m_t, t_d, t_m)
-        if self.model_config.label_prior_bins and clean_distance is not None:
-            logits = logits + prior_log_probs(self.label_prior, clean_distance).to(logits.dtype)
+        if offset is not None:
+            logits = logits + offset.to(logits.dtype)
         return d0_hat, logits
 
     @property
@@ -191,7 +197,7 @@ class CADiff(nn.Module):
             t_d = torch.zeros(batch, dtype=torch.long, device=device)
             d_noise = None
         d_t = self._distance_input(distance, t_d, d_noise)
-        d0_hat, logits = self._logits(image, d_t, m_t, t_d, t_m, distance)
+        d0_hat, logits = self._logits(image, d_t, m_t, t_d, t_m, self._prior_offset(distance))
         losses = self.loss_fn(d0_hat, distance, logits, labels)
         total = sum(losses.values())
         if self.diffusion_config.consistency_loss:
@@ -235,11 +241,12 @@ class CADiff(nn.Module):
         x = noise.to(image.dtype)
         t_d = torch.zeros(image.shape[0], dtype=torch.long, device=image.device)
         d_in = self._distance_input(distance, t_d, None)
+        offset = self._prior_offset(distance)  # the same at every step
         schedule = ddim_timesteps(self.diffusion_config.timesteps, steps)
         probs = x
         for t, t_next in zip(schedule[:-1], schedule[1:]):
             t_m = torch.full_like(t_d, t)
-            _, logits = self._logits(image, d_in, x, t_d, t_m, distance)
+            _, logits = self._logits(image, d_in, x, t_d, t_m, offset)
             probs = torch.softmax(logits.float(), dim=1)
             x0 = 2.0 * probs - 1.0
             ab, ab_next = self.alpha_bar[t], self.alpha_bar[t_next]
