@@ -88,10 +88,15 @@ def main(argv: list[str] | None = None) -> int:
         ref_values = aseg_to_table_values(np.asarray(aseg.dataobj), aseg.affine, table)
         ref_idx = table.value_to_index(ref_values)
         zooms = tuple(float(z) for z in aseg.header.get_zooms()[:3])
+        # sub-03 has no T1.mgz: only its skull-stripped image is scored (and registered)
+        has_head = (FSTD / subject / "T1.mgz").is_file()
+        if not has_head:
+            log.warning("%s has no T1.mgz: skull-on methods skipped, multi-atlas on brainmask.mgz", subject)
         cadiff_inputs = () if args.no_cadiff else (
             ("CA-Diff (skull on)", "T1.mgz", loaded), ("CA-Diff (skull off)", "brainmask.mgz", loaded))
         if prior_only is not None and not args.no_cadiff:
             cadiff_inputs += (("Label prior alone (skull on)", "T1.mgz", prior_only),)
+        cadiff_inputs = tuple(i for i in cadiff_inputs if has_head or i[1] != "T1.mgz")
         for method, fname, model in cadiff_inputs:
             t1 = load_t1w(FSTD / subject / fname)
             values, _, _ = segment_t1w(
@@ -102,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             score(method, subject, table.value_to_index(values), ref_idx, zooms)
         if not args.no_multiatlas:
             channels, _ = multiatlas_segment(
-                FSTD / subject / "T1.mgz", atlases, table=table, merge=ASEG_MERGE,
+                FSTD / subject / ("T1.mgz" if has_head else "brainmask.mgz"), atlases,
+                table=table, merge=ASEG_MERGE,
                 cache_dir=args.work / "registration",
             )
             score("Multi-Atlas", subject, channels.astype(np.int64), ref_idx, zooms)

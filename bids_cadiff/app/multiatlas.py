@@ -120,10 +120,11 @@ def multiatlas_segment(
             values = propagate_labels(target, t1w, labels, registration=registration,
                                       cache_dir=cache_dir)
         except RegistrationError as exc:
-            logger.warning("multi-atlas: %s skipped for %s: %s", t1w.name, target_t1w.name, exc)
+            logger.warning("multi-atlas: atlas %s skipped for %s: %s", t1w, target_t1w, exc)
             last_error = exc
             continue
         maps.append(labels_to_index(values, table, merge, target.affine))
+    logger.info("multi-atlas: %s labelled by %d of %d atlases", target_t1w, len(maps), len(atlases))
     if not maps:
         raise RegistrationError(target_t1w, f"no atlas subject could be registered ({last_error})")
     return majority_vote(maps, table.num_classes), np.asarray(target.affine)

@@ -163,3 +163,25 @@ def deform(
             out[n] = warped[start : start + count].astype(arrays[n].dtype)
             start += count
     return {n: out[n] for n in arrays}
+
+
+#: FreeSurfer's CSF value. In aseg it is a small region (about 1 mL: the basal cisterns next
+#: to the third ventricle and brain stem); in SynthSeg's training label maps it is all the
+#: extra-cerebral CSF (about 350 mL), a different structure under the same value.
+CSF_VALUE = 24
+
+
+def extracerebral_csf_to_background(values: np.ndarray) -> np.ndarray:
+    """Training targets of a SynthSeg label map in aseg's convention: CSF (24) becomes 0.
+
+    The synthetic image is still drawn from the raw map (the CSF keeps its own intensity);
+    only the target changes, so that a model trained on both kinds of map learns aseg's small
+    CSF label from the real subjects instead of SynthSeg's extra-cerebral CSF.
+
+    Args:
+        values: ``(X, Y, Z)`` FreeSurfer values of the 32 structures (0 elsewhere).
+
+    Returns:
+        a copy with :data:`CSF_VALUE` set to 0.
+    """
+    return np.where(values == CSF_VALUE, 0, values).astype(values.dtype)

@@ -3,9 +3,11 @@ import pytest
 
 from bids_cadiff.training.synth import (
     BRAIN_VALUES,
+    CSF_VALUE,
     augment_intensity,
     bias_field,
     deform,
+    extracerebral_csf_to_background,
     mean_t1_image,
     smooth_deformation,
     synthesize,
@@ -83,3 +85,11 @@ def test_deform_identity_shift_and_joint_labels():
     half = shift * 0.25
     warped = deform(arrays, half, nearest=("labels",))
     assert set(np.unique(warped["labels"])) <= set(np.unique(arrays["labels"])) | {0.0}
+
+
+def test_extracerebral_csf_to_background_changes_only_csf():
+    values = np.array([[0, 24, 2], [24, 41, 14]], dtype=np.int16)
+    out = extracerebral_csf_to_background(values)
+    assert CSF_VALUE == 24 and out.dtype == values.dtype
+    np.testing.assert_array_equal(out, [[0, 0, 2], [0, 41, 14]])
+    assert (values == 24).sum() == 2  # the input is left alone

@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Pool the per-fold scores of scripts/evaluate_default_model.py into cross-validation tables.
+
+    python scripts/crossval_summary.py artifacts/crossval/fold1.tsv artifacts/crossval/fold2.tsv ...
+        [--out artifacts/crossval/scores.tsv]
+
+Each input is one fold's per-subject, per-structure scores (columns method, subject, structure,
+dice, nsd, hd95). Prints the class average over the structures per method (mean
+and sample standard deviation over the test subjects of all folds, with the number of subjects
+and folds each method was scored on) and the per-structure mean ± std, and writes the pooled
+scores (with a ``fold`` column) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+log = logging.getLogger("crossval_summary")
+
+
+def pool(paths: list[Path]) -> pd.DataFrame:
+    """The folds' scores in one frame, ``fold`` = the file's stem; a subject in two folds is an error."""
+    frames = []
+    for path in paths:
+        frame = pd.read_csv(path, sep="\t", na_values=["n/a"])
+        missing = {"method", "subject", "structure", "dice", "nsd"} - set(frame.columns)
+        if missing:
+            raise ValueError(f"{path}: missing columns {sorted(missing)}; expected the TSV written "
+                             "by scripts/evaluate_default_model.py --out")
+        frames.append(frame.assign(fold=path.stem))
+    pooled = pd.concat(frames, ignore_index=True)
+    folds_per_subject = pooled.groupby(["method", "subject"])["fold"].nunique()
+    twice = folds_per_subject[folds_per_subject > 1]
+    if len(twice):
+        raise ValueError(f"subjects scored in more than one fold: {sorted(set(twice.index.get_level_values(1)))}")
+    return pooled
+
+
+def class_average(pooled: pd.DataFrame) -> pd.DataFrame:
+    """Per method: mean and std (ddof=1) over test subjects of the class-average Dice and NSD."""
+    per_subject = pooled.groupby(["method", "subject", "fold"])[["dice", "nsd"]].mean().reset_index()
+    out = per_subject.groupby("method").agg(
+        dice_mean=("dice", "mean"), dice_std=("dice", "std"),
+        nsd_mean=("nsd", "mean"), nsd_std=("nsd", "std"),
+        subjects=("subject", "nunique"), folds=("fold", "nunique"),
+    )
+    return out
+
+
+def per_structure(pooled: pd.DataFrame, order: list[str] | None = None) -> pd.DataFrame:
+    """Rows structures, columns (score, statistic, method): mean and std over test subjects."""
+    table = pooled.groupby(["structure", "method"])[["dice", "nsd"]].agg(["mean", "std"]).unstack("method")
+    return table.reindex(order) if order else table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("scores", type=Path, nargs="+", help="one TSV per fold")
+    parser.add_argument("--out", type=Path, default=None, help="pooled scores TSV")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for path in args.scores:
+        if not path.is_file():
+            sys.exit(f"crossval_summary: {path} does not exist; write it with "
+                     "scripts/evaluate_default_model.py --out")
+    pooled = pool(args.scores)
+    order = list(dict.fromkeys(pooled["structure"]))
+    print("## Class average over the structures (mean ± std over test subjects)\n")
+    print(class_average(pooled).round(3).to_string())
+    print("\n## Per structure (mean and std over test subjects)\n")
+    print(per_structure(pooled, order).round(3).to_string())
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        pooled.to_csv(args.out, sep="\t", index=False, float_format="%.4f", na_rep="n/a")
+        log.info("pooled scores of %d folds in %s", len(args.scores), args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
