@@ -33,11 +33,21 @@ def pool(paths: list[Path]) -> pd.DataFrame:
             raise ValueError(f"{path}: missing columns {sorted(missing)}; expected the TSV written "
                              "by scripts/evaluate_default_model.py --out")
         frames.append(frame.assign(fold=path.stem))
+    stems = [p.stem for p in paths]
+    if len(set(stems)) != len(stems):
+        raise ValueError(f"two fold files share a name ({', '.join(map(str, paths))}); each fold "
+                         "is named by its file name, so give them distinct names")
     pooled = pd.concat(frames, ignore_index=True)
-    folds_per_subject = pooled.groupby(["method", "subject"])["fold"].nunique()
-    twice = folds_per_subject[folds_per_subject > 1]
+    folds_per_subject = pooled.groupby(["method", "subject"])["fold"].unique()
+    twice = folds_per_subject[folds_per_subject.map(len) > 1]
     if len(twice):
-        raise ValueError(f"subjects scored in more than one fold: {sorted(set(twice.index.get_level_values(1)))}")
+        where = "; ".join(f"{m} {s} in {', '.join(f)}" for (m, s), f in twice.items())
+        raise ValueError(f"subjects scored in more than one fold: {where}")
+    repeated = pooled.duplicated(["method", "subject", "structure"], keep=False)
+    if repeated.any():
+        first = pooled[repeated].iloc[0]
+        raise ValueError(f"{first['fold']}: {first['method']} {first['subject']} {first['structure']} "
+                         "is scored more than once; pass each fold's file once")
     return pooled
 
 

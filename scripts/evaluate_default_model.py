@@ -8,7 +8,10 @@ baseline on the same subjects (the numbers of bids_cadiff/data/model_card.md).
 For each test subject: CA-Diff through the app's own pipeline (raw T1.mgz with skull, and
 brainmask.mgz without), for a model with a label prior also the prior alone (the network's
 logits set to zero), and the multi-atlas baseline (each atlas subject registered to the test
-image with the app's registration, labels majority-voted). Scores: Dice and NSD (1 mm) per
+image with the app's registration, labels majority-voted). A subject without ``T1.mgz``
+(sub-03) is scored skull-stripped only: its skull-on and prior-alone rows are absent and its
+multi-atlas target is ``brainmask.mgz``. Always pass ``--out`` when scoring another model or
+fold: its default is the shipped model's score file. Scores: Dice and NSD (1 mm) per
 structure on the aseg grid, aseg mapped to the 32 structures. Prints a Markdown table and writes
 per-subject scores to a TSV.
 """

@@ -138,11 +138,14 @@ def prepare(work: Path) -> list[Path]:
     return done
 
 
-def _load_item(path: Path, csf_to_background: bool = False) -> dict[str, np.ndarray]:
-    """A prepared map; with ``csf_to_background`` a SynthSeg map's CSF target becomes 0."""
+def _load_item(path: Path, csf_to_background: bool = False,
+               keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """A prepared map (only ``keys`` if given); with ``csf_to_background`` a SynthSeg map's CSF
+    target becomes 0."""
     from bids_cadiff.training.synth import extracerebral_csf_to_background
 
-    item = dict(np.load(path))
+    with np.load(path) as data:
+        item = {k: data[k] for k in (keys or data.files)}
     if csf_to_background and not bool(item["real"]):
         item["values"] = extracerebral_csf_to_background(item["values"])
     return item
@@ -255,6 +258,7 @@ def train(work: Path, files: list[Path], iterations: int, batch: int, lr: float,
     start_it = 0
     if state_path.is_file():
         state = torch.load(state_path, weights_only=False)
+        _check_csf_setting(state, csf_to_background, state_path)
         _load_weights(model, state["model"], state_path)
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
@@ -307,9 +311,20 @@ def train(work: Path, files: list[Path], iterations: int, batch: int, lr: float,
                 "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                 "sampler_rng": sampler.rng.bit_generator.state, "affine_rng": affine.R.get_state(),
                 "gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "iteration": it + 1,
+                "csf_to_background": csf_to_background,
             }, tmp)
             tmp.rename(state_path)
     return state_path
+
+
+def _check_csf_setting(state: dict, expected: bool, source: Path) -> None:
+    """Refuse a state trained with the other CSF convention (a state without the field predates
+    it: phases 1-3, or the previous release's phase 4, all without the CSF change)."""
+    found = bool(state.get("csf_to_background", False))
+    if found != expected:
+        raise RuntimeError(
+            f"{source}: trained with csf_to_background={found}, but this phase uses {expected} "
+            "(PHASE4_CSF_TO_BACKGROUND); move the state away to train this phase again")
 
 
 def _load_weights(model: torch.nn.Module, weights: dict, source: Path) -> None:
@@ -331,7 +346,7 @@ def label_prior(files: list[Path], csf_to_background: bool = False) -> np.ndarra
 
     def samples():
         for f in files:
-            item = _load_item(f, csf_to_background)
+            item = _load_item(f, csf_to_background, keys=("distance", "values", "real"))
             yield item["distance"].astype(np.float32), SYNTHSEG32.value_to_index(item["values"])
 
     start = time.time()
@@ -350,6 +365,8 @@ def export(work: Path, dest: Path, files: list[Path], iterations: int, args: arg
     phases = [p for p in ("", "_phase2", "_phase3", "_phase4")
               if (work / f"train_state{p}.pt").is_file()]
     state = torch.load(work / f"train_state{phases[-1]}.pt", weights_only=False)
+    _check_csf_setting(state, PHASE4_CSF_TO_BACKGROUND and phases[-1] == "_phase4",
+                       work / f"train_state{phases[-1]}.pt")
     diffusion = DIFFUSION_PHASE3 if phases[-1] in ("_phase3", "_phase4") else DIFFUSION
     model_config = MODEL_PHASE4 if phases[-1] == "_phase4" else MODEL
     model = CADiff(ModelConfig.from_dict(model_config), DiffusionConfig.from_dict(diffusion))

@@ -42,8 +42,15 @@ def test_pooled_class_average_is_over_subjects_of_all_folds(tmp_path, capsys):
 def test_a_subject_in_two_folds_and_a_foreign_table_are_errors(tmp_path):
     f1 = fold(tmp_path / "fold1.tsv", {"sub-01": [0.8]})
     f2 = fold(tmp_path / "fold2.tsv", {"sub-01": [0.7]})
-    with pytest.raises(ValueError, match="sub-01"):
+    with pytest.raises(ValueError, match="A sub-01 in fold1, fold2"):
         crossval_summary.pool([f1, f2])
+    with pytest.raises(ValueError, match="share a name"):
+        crossval_summary.pool([f1, f1])
+    (tmp_path / "x").mkdir()
+    dup = fold(tmp_path / "x" / "fold3.tsv", {"sub-03": [0.5]})
+    pd.concat([pd.read_csv(dup, sep="\t")] * 2).to_csv(dup, sep="\t", index=False)
+    with pytest.raises(ValueError, match="fold3: A sub-03 S0 is scored more than once"):
+        crossval_summary.pool([dup])
     bad = tmp_path / "bad.tsv"
     pd.DataFrame({"x": [1]}).to_csv(bad, sep="\t", index=False)
     with pytest.raises(ValueError, match="bad.tsv: missing columns"):
