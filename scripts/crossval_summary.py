@@ -51,21 +51,43 @@ def pool(paths: list[Path]) -> pd.DataFrame:
     return pooled
 
 
+def _summaries(pooled: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per method, :func:`bids_cadiff.evaluation.report.summary_table` of its rows (subjects as
+    images): per-structure mean/std over subjects, then the class-average row ``mean``."""
+    from bids_cadiff.evaluation.report import summary_table
+    from bids_cadiff.labels import SYNTHSEG32
+
+    value = {e.abbreviation: e.value for e in SYNTHSEG32.entries}
+    scores = pooled.rename(columns={"subject": "participant_id"})
+    scores = scores.assign(label=scores["structure"].map(value).fillna(-1).astype(int),
+                           hd95=scores["hd95"] if "hd95" in scores else float("nan"))
+    return {method: summary_table(group) for method, group in scores.groupby("method", sort=False)}
+
+
 def class_average(pooled: pd.DataFrame) -> pd.DataFrame:
     """Per method: mean and std (ddof=1) over test subjects of the class-average Dice and NSD."""
-    per_subject = pooled.groupby(["method", "subject", "fold"])[["dice", "nsd"]].mean().reset_index()
-    out = per_subject.groupby("method").agg(
-        dice_mean=("dice", "mean"), dice_std=("dice", "std"),
-        nsd_mean=("nsd", "mean"), nsd_std=("nsd", "std"),
-        subjects=("subject", "nunique"), folds=("fold", "nunique"),
-    )
-    return out
+    rows = {}
+    for method, table in _summaries(pooled).items():
+        mean = table.set_index("structure").loc["mean"]
+        rows[method] = {"dice_mean": mean["dice_mean"], "dice_std": mean["dice_std"],
+                        "nsd_mean": mean["nsd_mean"], "nsd_std": mean["nsd_std"],
+                        "subjects": int(mean["n"]),
+                        "folds": pooled.loc[pooled["method"] == method, "fold"].nunique()}
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("method").sort_index()
 
 
 def per_structure(pooled: pd.DataFrame, order: list[str] | None = None) -> pd.DataFrame:
     """Rows structures, columns (score, statistic, method): mean and std over test subjects."""
-    table = pooled.groupby(["structure", "method"])[["dice", "nsd"]].agg(["mean", "std"]).unstack("method")
-    return table.reindex(order) if order else table
+    parts = {}
+    for method, table in _summaries(pooled).items():
+        rows = table[table["structure"] != "mean"].set_index("structure")
+        for score in ("dice", "nsd"):
+            for stat in ("mean", "std"):
+                parts[(score, stat, method)] = rows[f"{score}_{stat}"].astype(float)
+    out = pd.DataFrame(parts).sort_index(axis=1)
+    out.columns.names = [None, None, "method"]
+    out.index.name = "structure"
+    return out.reindex(order) if order else out.sort_index()
 
 
 def main(argv: list[str] | None = None) -> int:
