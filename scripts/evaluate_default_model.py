@@ -12,8 +12,9 @@ image with the app's registration, labels majority-voted). A subject without ``T
 (sub-03) is scored skull-stripped only: its skull-on and prior-alone rows are absent and its
 multi-atlas target is ``brainmask.mgz``. Always pass ``--out`` when scoring another model or
 fold: its default is the shipped model's score file. Scores: Dice and NSD (1 mm) per
-structure on the aseg grid, aseg mapped to the 32 structures. Prints a Markdown table and writes
-per-subject scores to a TSV.
+structure on the aseg grid, aseg mapped to the 32 structures. Writes per-subject scores to a
+TSV and prints the class-average and per-structure tables of
+:func:`bids_cadiff.evaluation.crossval.render` (the same as scripts/crossval_summary.py).
 """
 
 from __future__ import annotations
@@ -51,9 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     from bids_cadiff.app.participant import load_model, segment_t1w
     from bids_cadiff.evaluation.metrics import evaluate_pair
     from bids_cadiff.app.multiatlas import multiatlas_segment
+    from bids_cadiff.evaluation.crossval import render
     from bids_cadiff.imaging.preprocess import to_ras
     from bids_cadiff.io.nifti import load_t1w
-    from bids_cadiff.labels import ASEG_MERGE, SYNTHSEG32, aseg_to_table_values
+    from bids_cadiff.labels import ASEG_MERGE, aseg_to_table_values
     from bids_cadiff.registration.atlas import resolve_atlas
 
     if not FSTD.is_dir():
@@ -118,14 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     frame = pd.DataFrame(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(args.out, sep="\t", index=False, float_format="%.4f", na_rep="n/a")
-    per_subject = frame.groupby(["method", "subject"])[["dice", "nsd"]].mean()
-    summary = per_subject.groupby("method").agg(["mean", "std"])
-    per_structure = frame.groupby(["structure", "method"])[["dice", "nsd"]].mean().unstack("method")
-    print("## Class-average over the 32 structures (mean and std over test subjects)\n")
-    print(summary.round(3).to_string())
-    print("\n## Per structure (mean over test subjects)\n")
-    order = [e.abbreviation for e in table.entries[1:]]
-    print(per_structure.reindex(order).round(3).to_string())
+    print(render(frame, [e.abbreviation for e in table.entries[1:]]))
     return 0
 
 

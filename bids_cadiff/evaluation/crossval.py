@@ -1,0 +1,113 @@
+"""Cross-validation tables: per-fold method comparisons pooled over folds.
+
+A fold table is long format, one row per method, test subject and structure, as written by
+``scripts/evaluate_default_model.py --out``::
+
+    method               subject  structure  dice    nsd     hd95
+    CA-Diff (skull on)   sub-01   L-WM       0.9312  0.9521  1.0000
+
+:func:`pool` reads fold tables into one frame with a ``fold`` column (the file's stem) and
+refuses tables that would count a subject twice. :func:`class_average` and
+:func:`per_structure` summarise a pooled (or a single fold's) frame per method through
+:func:`bids_cadiff.evaluation.report.summary_table`, the subjects being the images: the mean
+and sample standard deviation (``ddof=1``) over test subjects.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from bids_cadiff.evaluation.report import summary_table
+from bids_cadiff.labels import SYNTHSEG32
+
+__all__ = ["FOLD_COLUMNS", "class_average", "per_structure", "pool", "render"]
+
+#: Columns a fold table must have (``hd95`` is optional).
+FOLD_COLUMNS = ("method", "subject", "structure", "dice", "nsd")
+
+
+def pool(paths: Sequence[Path]) -> pd.DataFrame:
+    """The fold tables at ``paths`` in one frame, with ``fold`` = each file's stem.
+
+    Raises:
+        ValueError: naming the file, when a table lacks :data:`FOLD_COLUMNS`, two files share
+            a stem, a (method, subject) is in two folds, or a (method, subject, structure) row
+            is repeated.
+    """
+    frames = []
+    for path in paths:
+        frame = pd.read_csv(path, sep="\t", na_values=["n/a"])
+        missing = set(FOLD_COLUMNS) - set(frame.columns)
+        if missing:
+            raise ValueError(f"{path}: missing columns {sorted(missing)}; expected the TSV written "
+                             "by scripts/evaluate_default_model.py --out")
+        frames.append(frame.assign(fold=Path(path).stem))
+    stems = [Path(p).stem for p in paths]
+    if len(set(stems)) != len(stems):
+        raise ValueError(f"two fold files share a name ({', '.join(map(str, paths))}); each fold "
+                         "is named by its file name, so give them distinct names")
+    pooled = pd.concat(frames, ignore_index=True)
+    folds_per_subject = pooled.groupby(["method", "subject"])["fold"].unique()
+    twice = folds_per_subject[folds_per_subject.map(len) > 1]
+    if len(twice):
+        where = "; ".join(f"{m} {s} in {', '.join(f)}" for (m, s), f in twice.items())
+        raise ValueError(f"subjects scored in more than one fold: {where}")
+    repeated = pooled.duplicated(["method", "subject", "structure"], keep=False)
+    if repeated.any():
+        first = pooled[repeated].iloc[0]
+        raise ValueError(f"{first['fold']}: {first['method']} {first['subject']} {first['structure']} "
+                         "is scored more than once; pass each fold's file once")
+    return pooled
+
+
+def _summaries(scores: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per method, :func:`summary_table` of its rows (subjects as images)."""
+    value = {e.abbreviation: e.value for e in SYNTHSEG32.entries}
+    frame = scores.rename(columns={"subject": "participant_id"})
+    frame = frame.assign(label=frame["structure"].map(value).fillna(-1).astype(int),
+                         hd95=frame["hd95"] if "hd95" in frame else float("nan"))
+    return {method: summary_table(group) for method, group in frame.groupby("method", sort=False)}
+
+
+def class_average(scores: pd.DataFrame) -> pd.DataFrame:
+    """Per method (index, sorted): the mean and std over test subjects of each subject's
+    class-average Dice and NSD (``dice_mean``, ``dice_std``, ``nsd_mean``, ``nsd_std``), the
+    number of ``subjects`` and, for a pooled frame, of ``folds``."""
+    rows = {}
+    for method, table in _summaries(scores).items():
+        mean = table.set_index("structure").loc["mean"]
+        row = {"dice_mean": mean["dice_mean"], "dice_std": mean["dice_std"],
+               "nsd_mean": mean["nsd_mean"], "nsd_std": mean["nsd_std"], "subjects": int(mean["n"])}
+        if "fold" in scores:
+            row["folds"] = scores.loc[scores["method"] == method, "fold"].nunique()
+        rows[method] = row
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("method").sort_index()
+
+
+def per_structure(scores: pd.DataFrame, order: Sequence[str] | None = None) -> pd.DataFrame:
+    """Rows structures (in ``order``, else sorted), columns (score, statistic, method): the
+    mean and std over test subjects of Dice and NSD."""
+    parts = {}
+    for method, table in _summaries(scores).items():
+        rows = table[table["structure"] != "mean"].set_index("structure")
+        for score in ("dice", "nsd"):
+            for stat in ("mean", "std"):
+                parts[(score, stat, method)] = rows[f"{score}_{stat}"].astype(float)
+    out = pd.DataFrame(parts).sort_index(axis=1)
+    out.columns.names = [None, None, "method"]
+    out.index.name = "structure"
+    return out.reindex(list(order)) if order else out.sort_index()
+
+
+def render(scores: pd.DataFrame, order: Sequence[str] | None = None) -> str:
+    """The class-average and per-structure tables as text (what the scripts print)."""
+    order = list(order) if order else list(dict.fromkeys(scores["structure"]))
+    return "\n".join([
+        "## Class average over the structures (mean ± std over test subjects)\n",
+        class_average(scores).round(3).to_string(),
+        "\n## Per structure (mean and std over test subjects)\n",
+        per_structure(scores, order).round(3).to_string(),
+    ])

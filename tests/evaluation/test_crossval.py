@@ -1,0 +1,65 @@
+"""Pooling fold tables and summarising them per method, on hand-made fold tables."""
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bids_cadiff.evaluation.crossval import class_average, per_structure, pool, render
+
+
+def fold(path: Path, subjects: dict[str, list[float]], method: str = "A") -> Path:
+    rows = [{"method": method, "subject": s, "structure": f"S{i}", "dice": d, "nsd": d / 2, "hd95": 1.0}
+            for s, dices in subjects.items() for i, d in enumerate(dices)]
+    pd.DataFrame(rows).to_csv(path, sep="\t", index=False)
+    return path
+
+
+def test_pooled_class_average_is_over_subjects_of_all_folds(tmp_path):
+    f1 = fold(tmp_path / "fold1.tsv", {"sub-01": [0.8, 0.6], "sub-02": [0.6, 0.6]})
+    f2 = fold(tmp_path / "fold2.tsv", {"sub-03": [1.0, 0.8]})
+    pooled = pool([f1, f2])
+    assert sorted(pooled["fold"].unique()) == ["fold1", "fold2"]
+    summary = class_average(pooled).loc["A"]
+    # subject class averages 0.7, 0.6, 0.9
+    assert summary["dice_mean"] == pytest.approx(0.7333333)
+    assert summary["dice_std"] == pytest.approx(pd.Series([0.7, 0.6, 0.9]).std())
+    assert summary["nsd_mean"] == pytest.approx(0.7333333 / 2)
+    assert (summary["subjects"], summary["folds"]) == (3, 2)
+    structures = per_structure(pooled, ["S1", "S0"])
+    assert list(structures.index) == ["S1", "S0"]
+    assert structures.loc["S0", ("dice", "mean", "A")] == pytest.approx(0.8)
+
+
+def test_one_fold_frame_summarised_without_a_fold_count():
+    """What evaluate_default_model.py prints: one fold, two methods, no ``fold`` column."""
+    rows = [{"method": m, "subject": s, "structure": st, "dice": d, "nsd": d, "hd95": 2.0}
+            for m, offset in (("A", 0.0), ("B", 0.1))
+            for s, base in (("sub-01", 0.5), ("sub-02", 0.7))
+            for st, d in (("L-WM", base + offset), ("3V", base + offset - 0.2))]
+    frame = pd.DataFrame(rows)
+    table = class_average(frame)
+    assert list(table.index) == ["A", "B"] and "folds" not in table
+    assert table.loc["B", "dice_mean"] == pytest.approx(0.6)  # subjects 0.5 and 0.7
+    assert table.loc["B", "subjects"] == 2
+    text = render(frame, ["L-WM", "3V"])
+    assert text.index("Class average") < text.index("Per structure")
+    assert text.index("L-WM") < text.rindex("3V")
+
+
+def test_a_subject_in_two_folds_and_a_foreign_table_are_errors(tmp_path):
+    f1 = fold(tmp_path / "fold1.tsv", {"sub-01": [0.8]})
+    f2 = fold(tmp_path / "fold2.tsv", {"sub-01": [0.7]})
+    with pytest.raises(ValueError, match="A sub-01 in fold1, fold2"):
+        pool([f1, f2])
+    with pytest.raises(ValueError, match="share a name"):
+        pool([f1, f1])
+    (tmp_path / "x").mkdir()
+    dup = fold(tmp_path / "x" / "fold3.tsv", {"sub-03": [0.5]})
+    pd.concat([pd.read_csv(dup, sep="\t")] * 2).to_csv(dup, sep="\t", index=False)
+    with pytest.raises(ValueError, match="fold3: A sub-03 S0 is scored more than once"):
+        pool([dup])
+    bad = tmp_path / "bad.tsv"
+    pd.DataFrame({"x": [1]}).to_csv(bad, sep="\t", index=False)
+    with pytest.raises(ValueError, match="bad.tsv: missing columns"):
+        pool([bad])
