@@ -8,7 +8,8 @@ Each input is one fold's per-subject, per-structure scores (columns method, subj
 dice, nsd, hd95). Prints the class average over the structures per method (mean
 and sample standard deviation over the test subjects of all folds, with the number of subjects
 and folds each method was scored on) and the per-structure mean ± std, and writes the pooled
-scores (with a ``fold`` column) to ``--out``. The tables come from
+scores (with a ``fold`` column) to ``--out``. ``--markdown`` prints the tables as Markdown
+(cells mean ± std; ``--methods`` picks the columns). The tables come from
 :mod:`bids_cadiff.evaluation.crossval`.
 """
 
@@ -19,7 +20,7 @@ import logging
 import sys
 from pathlib import Path
 
-from bids_cadiff.evaluation.crossval import pool, render
+from bids_cadiff.evaluation.crossval import markdown, pool, render
 
 log = logging.getLogger("crossval_summary")
 
@@ -28,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("scores", type=Path, nargs="+", help="one TSV per fold")
     parser.add_argument("--out", type=Path, default=None, help="pooled scores TSV")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print Markdown tables, cells mean ± std (for the model card)")
+    parser.add_argument("--methods", default=None,
+                        help="with --markdown: comma-separated methods, in column order")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for path in args.scores:
@@ -35,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit(f"crossval_summary: {path} does not exist; write it with "
                      "scripts/evaluate_default_model.py --out")
     pooled = pool(args.scores)
-    print(render(pooled))
+    if args.markdown:
+        methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+        print(markdown(pooled, methods=methods))
+    else:
+        print(render(pooled))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         pooled.to_csv(args.out, sep="\t", index=False, float_format="%.4f", na_rep="n/a")

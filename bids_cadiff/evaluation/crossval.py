@@ -23,7 +23,7 @@ import pandas as pd
 from bids_cadiff.evaluation.report import summary_table
 from bids_cadiff.labels import SYNTHSEG32
 
-__all__ = ["FOLD_COLUMNS", "class_average", "per_structure", "pool", "render"]
+__all__ = ["FOLD_COLUMNS", "class_average", "markdown", "per_structure", "pool", "render"]
 
 #: Columns a fold table must have (``hd95`` is optional).
 FOLD_COLUMNS = ("method", "subject", "structure", "dice", "nsd")
@@ -111,3 +111,39 @@ def render(scores: pd.DataFrame, order: Sequence[str] | None = None) -> str:
         "\n## Per structure (mean and std over test subjects)\n",
         per_structure(scores, order).round(3).to_string(),
     ])
+
+
+def _pm(mean: float, std: float) -> str:
+    """``0.704 ± 0.006``; ``n/a`` for an undefined mean, the bare mean for an undefined std."""
+    if pd.isna(mean):
+        return "n/a"
+    return f"{mean:.3f}" if pd.isna(std) else f"{mean:.3f} ± {std:.3f}"
+
+
+def markdown(scores: pd.DataFrame, order: Sequence[str] | None = None,
+             methods: Sequence[str] | None = None) -> str:
+    """The class-average and per-structure tables as Markdown, cells ``mean ± std`` over test
+    subjects (for a model card). ``methods`` picks and orders the columns (default: all, sorted).
+    """
+    averages = class_average(scores)
+    methods = list(methods) if methods else list(averages.index)
+    unknown = [m for m in methods if m not in averages.index]
+    if unknown:
+        raise ValueError(f"methods {unknown} are not in the scores (have {list(averages.index)})")
+    order = list(order) if order else list(dict.fromkeys(scores["structure"]))
+    folds = "folds" in averages
+    lines = ["| method | subjects |" + (" folds |" if folds else "") + " Dice | NSD |",
+             "| --- | --- |" + (" --- |" if folds else "") + " --- | --- |"]
+    for m in methods:
+        a = averages.loc[m]
+        lines.append(f"| {m} | {int(a['subjects'])} |" + (f" {int(a['folds'])} |" if folds else "")
+                     + f" {_pm(a['dice_mean'], a['dice_std'])} | {_pm(a['nsd_mean'], a['nsd_std'])} |")
+    table = per_structure(scores, order)
+    header = ["structure"] + [f"Dice {m}" for m in methods] + [f"NSD {m}" for m in methods]
+    lines += ["", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for structure in order:
+        row = table.loc[structure]
+        cells = [_pm(row[(score, "mean", m)], row[(score, "std", m)])
+                 for score in ("dice", "nsd") for m in methods]
+        lines.append(f"| {structure} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bids_cadiff.evaluation.crossval import class_average, per_structure, pool, render
+from bids_cadiff.evaluation.crossval import class_average, markdown, per_structure, pool, render
 
 
 def fold(path: Path, subjects: dict[str, list[float]], method: str = "A") -> Path:
@@ -63,3 +63,17 @@ def test_a_subject_in_two_folds_and_a_foreign_table_are_errors(tmp_path):
     pd.DataFrame({"x": [1]}).to_csv(bad, sep="\t", index=False)
     with pytest.raises(ValueError, match="bad.tsv: missing columns"):
         pool([bad])
+
+
+def test_markdown_cells_are_mean_and_std_over_subjects(tmp_path):
+    f1 = fold(tmp_path / "fold1.tsv", {"sub-01": [0.8, 0.6], "sub-02": [0.6, 0.6]})
+    f2 = fold(tmp_path / "fold2.tsv", {"sub-03": [1.0, 0.8]}, method="B")
+    text = markdown(pool([f1, f2]), order=["S0", "S1"], methods=["B", "A"])
+    lines = text.splitlines()
+    assert lines[0] == "| method | subjects | folds | Dice | NSD |"
+    assert lines[2] == "| B | 1 | 1 | 0.900 | 0.450 |"  # one subject: no std
+    assert lines[3] == "| A | 2 | 1 | 0.650 ± 0.071 | 0.325 ± 0.035 |"
+    assert lines[5] == "| structure | Dice B | Dice A | NSD B | NSD A |"
+    assert lines[7] == "| S0 | 1.000 | 0.700 ± 0.141 | 0.500 | 0.350 ± 0.071 |"
+    with pytest.raises(ValueError, match=r"methods \['C'\] are not in the scores"):
+        markdown(pool([f1]), methods=["C"])

@@ -33,3 +33,10 @@ def test_main_prints_the_tables_and_writes_the_pooled_scores(tmp_path, capsys):
 def test_main_names_a_missing_fold_file(tmp_path):
     with pytest.raises(SystemExit, match="fold9.tsv does not exist.*--out"):
         crossval_summary.main([str(tmp_path / "fold9.tsv")])
+
+
+def test_main_markdown_picks_the_methods(tmp_path, capsys):
+    f1 = fold(tmp_path / "fold1.tsv", {"sub-01": [0.8, 0.6]})
+    assert crossval_summary.main([str(f1), "--markdown", "--methods", "A"]) == 0
+    printed = capsys.readouterr().out
+    assert "| A | 1 | 1 | 0.700 | 0.350 |" in printed and "| S1 | 0.600 | 0.300 |" in printed
