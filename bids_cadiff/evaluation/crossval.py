@@ -76,8 +76,12 @@ def class_average(scores: pd.DataFrame) -> pd.DataFrame:
     """Per method (index, sorted): the mean and std over test subjects of each subject's
     class-average Dice and NSD (``dice_mean``, ``dice_std``, ``nsd_mean``, ``nsd_std``), the
     number of ``subjects`` and, for a pooled frame, of ``folds``."""
+    return _class_average(scores, _summaries(scores))
+
+
+def _class_average(scores: pd.DataFrame, summaries: dict[str, pd.DataFrame]) -> pd.DataFrame:
     rows = {}
-    for method, table in _summaries(scores).items():
+    for method, table in summaries.items():
         mean = table.set_index("structure").loc["mean"]
         row = {"dice_mean": mean["dice_mean"], "dice_std": mean["dice_std"],
                "nsd_mean": mean["nsd_mean"], "nsd_std": mean["nsd_std"], "subjects": int(mean["n"])}
@@ -90,8 +94,12 @@ def class_average(scores: pd.DataFrame) -> pd.DataFrame:
 def per_structure(scores: pd.DataFrame, order: Sequence[str] | None = None) -> pd.DataFrame:
     """Rows structures (in ``order``, else sorted), columns (score, statistic, method): the
     mean and std over test subjects of Dice and NSD."""
+    return _per_structure(_summaries(scores), order)
+
+
+def _per_structure(summaries: dict[str, pd.DataFrame], order: Sequence[str] | None) -> pd.DataFrame:
     parts = {}
-    for method, table in _summaries(scores).items():
+    for method, table in summaries.items():
         rows = table[table["structure"] != "mean"].set_index("structure")
         for score in ("dice", "nsd"):
             for stat in ("mean", "std"):
@@ -102,14 +110,19 @@ def per_structure(scores: pd.DataFrame, order: Sequence[str] | None = None) -> p
     return out.reindex(list(order)) if order else out.sort_index()
 
 
+def _first_seen(scores: pd.DataFrame, order: Sequence[str] | None) -> list[str]:
+    """``order``, else the structures in the order they first appear in ``scores``."""
+    return list(order) if order else list(dict.fromkeys(scores["structure"]))
+
+
 def render(scores: pd.DataFrame, order: Sequence[str] | None = None) -> str:
     """The class-average and per-structure tables as text (what the scripts print)."""
-    order = list(order) if order else list(dict.fromkeys(scores["structure"]))
+    summaries = _summaries(scores)
     return "\n".join([
         "## Class average over the structures (mean ± std over test subjects)\n",
-        class_average(scores).round(3).to_string(),
+        _class_average(scores, summaries).round(3).to_string(),
         "\n## Per structure (mean and std over test subjects)\n",
-        per_structure(scores, order).round(3).to_string(),
+        _per_structure(summaries, _first_seen(scores, order)).round(3).to_string(),
     ])
 
 
@@ -125,12 +138,13 @@ def markdown(scores: pd.DataFrame, order: Sequence[str] | None = None,
     """The class-average and per-structure tables as Markdown, cells ``mean ± std`` over test
     subjects (for a model card). ``methods`` picks and orders the columns (default: all, sorted).
     """
-    averages = class_average(scores)
+    summaries = _summaries(scores)
+    averages = _class_average(scores, summaries)
     methods = list(methods) if methods else list(averages.index)
     unknown = [m for m in methods if m not in averages.index]
     if unknown:
         raise ValueError(f"methods {unknown} are not in the scores (have {list(averages.index)})")
-    order = list(order) if order else list(dict.fromkeys(scores["structure"]))
+    order = _first_seen(scores, order)
     folds = "folds" in averages
     lines = ["| method | subjects |" + (" folds |" if folds else "") + " Dice | NSD |",
              "| --- | --- |" + (" --- |" if folds else "") + " --- | --- |"]
@@ -138,7 +152,7 @@ def markdown(scores: pd.DataFrame, order: Sequence[str] | None = None,
         a = averages.loc[m]
         lines.append(f"| {m} | {int(a['subjects'])} |" + (f" {int(a['folds'])} |" if folds else "")
                      + f" {_pm(a['dice_mean'], a['dice_std'])} | {_pm(a['nsd_mean'], a['nsd_std'])} |")
-    table = per_structure(scores, order)
+    table = _per_structure(summaries, order)
     header = ["structure"] + [f"Dice {m}" for m in methods] + [f"NSD {m}" for m in methods]
     lines += ["", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for structure in order:

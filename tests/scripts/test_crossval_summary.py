@@ -6,17 +6,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tests.evaluation.test_crossval import fold  # the hand-made fold tables
+
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "crossval_summary.py"
 spec = importlib.util.spec_from_file_location("crossval_summary", SCRIPT)
 crossval_summary = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(crossval_summary)
-
-
-def fold(path: Path, subjects: dict[str, list[float]]) -> Path:
-    rows = [{"method": "A", "subject": s, "structure": f"S{i}", "dice": d, "nsd": d / 2, "hd95": 1.0}
-            for s, dices in subjects.items() for i, d in enumerate(dices)]
-    pd.DataFrame(rows).to_csv(path, sep="\t", index=False)
-    return path
 
 
 def test_main_prints_the_tables_and_writes_the_pooled_scores(tmp_path, capsys):
