@@ -9,7 +9,10 @@ dice, nsd, hd95). Prints the class average over the structures per method (mean
 and sample standard deviation over the test subjects of all folds, with the number of subjects
 and folds each method was scored on) and the per-structure mean ± std, and writes the pooled
 scores (with a ``fold`` column) to ``--out``. ``--markdown`` prints the tables as Markdown
-(cells mean ± std; ``--methods`` picks the columns). The tables come from
+(cells mean ± std; ``--methods`` picks the columns). Each method is also compared with the
+``--baseline`` method (default Multi-Atlas) on the subjects both were scored on: the mean ± std
+over subjects of the difference in class-average Dice and NSD, on how many subjects it is
+higher, and on how many structures its mean Dice is higher. The tables come from
 :mod:`bids_cadiff.evaluation.crossval`.
 """
 
@@ -33,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="print Markdown tables, cells mean ± std (for the model card)")
     parser.add_argument("--methods", default=None,
                         help="with --markdown: comma-separated methods, in column order")
+    parser.add_argument("--baseline", default="Multi-Atlas",
+                        help="method the others are paired with, subject by subject "
+                             "(default: %(default)s; skipped when not in the scores)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for path in args.scores:
@@ -42,9 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     pooled = pool(args.scores)
     if args.markdown:
         methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
-        print(markdown(pooled, methods=methods))
+        print(markdown(pooled, methods=methods, baseline=args.baseline))
     else:
-        print(render(pooled))
+        print(render(pooled, baseline=args.baseline))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         pooled.to_csv(args.out, sep="\t", index=False, float_format="%.4f", na_rep="n/a")

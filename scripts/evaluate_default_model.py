@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     frame = pd.DataFrame(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(args.out, sep="\t", index=False, float_format="%.4f", na_rep="n/a")
-    print(render(frame, [e.abbreviation for e in table.entries[1:]]))
+    print(render(frame, [e.abbreviation for e in table.entries[1:]], baseline="Multi-Atlas"))
     return 0
 
 

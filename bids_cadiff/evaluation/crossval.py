@@ -10,7 +10,8 @@ A fold table is long format, one row per method, test subject and structure, as 
 refuses tables that would count a subject twice. :func:`class_average` and
 :func:`per_structure` summarise a pooled (or a single fold's) frame per method through
 :func:`bids_cadiff.evaluation.report.summary_table`, the subjects being the images: the mean
-and sample standard deviation (``ddof=1``) over test subjects.
+and sample standard deviation (``ddof=1``) over test subjects. :func:`paired` compares each
+method with a baseline on the subjects both were scored on.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import pandas as pd
 from bids_cadiff.evaluation.report import summary_table
 from bids_cadiff.labels import SYNTHSEG32
 
-__all__ = ["FOLD_COLUMNS", "class_average", "markdown", "per_structure", "pool", "render"]
+__all__ = ["FOLD_COLUMNS", "class_average", "markdown", "paired", "per_structure", "pool", "render"]
 
 #: Columns a fold table must have (``hd95`` is optional).
 FOLD_COLUMNS = ("method", "subject", "structure", "dice", "nsd")
@@ -110,20 +111,61 @@ def _per_structure(summaries: dict[str, pd.DataFrame], order: Sequence[str] | No
     return out.reindex(list(order)) if order else out.sort_index()
 
 
+def paired(scores: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """Each other method against ``baseline`` on the test subjects both were scored on.
+
+    Per method (index, sorted): ``subjects`` (the shared ones), ``baseline_dice`` (the
+    baseline's mean class-average Dice on them), ``dice_diff_mean`` and ``dice_diff_std``
+    (method minus baseline, per subject's class average; std over subjects, ``ddof=1``),
+    ``dice_wins`` (subjects where the method is higher), the same four for NSD, and
+    ``structures_dice_higher`` (structures whose mean Dice over the shared subjects is higher).
+
+    Raises:
+        ValueError: when ``baseline`` is not a method in ``scores``.
+    """
+    methods = list(dict.fromkeys(scores["method"]))
+    if baseline not in methods:
+        raise ValueError(f"baseline {baseline!r} is not in the scores (have {methods})")
+    per_subject = scores.groupby(["method", "subject"])[["dice", "nsd"]].mean()
+    per_structure = scores.groupby(["method", "subject", "structure"])["dice"].mean()
+    base, base_structures = per_subject.loc[baseline], per_structure.loc[baseline]
+    rows = {}
+    for method in sorted(m for m in methods if m != baseline):
+        subjects = per_subject.loc[method].index.intersection(base.index)
+        if subjects.empty:
+            continue
+        row: dict[str, float | int] = {"subjects": len(subjects),
+                                       "baseline_dice": base.loc[subjects, "dice"].mean()}
+        for score in ("dice", "nsd"):
+            diff = per_subject.loc[method].loc[subjects, score] - base.loc[subjects, score]
+            row.update({f"{score}_diff_mean": diff.mean(), f"{score}_diff_std": diff.std(),
+                        f"{score}_wins": int((diff > 0).sum())})
+        mine = per_structure.loc[method].loc[list(subjects)].groupby("structure").mean()
+        theirs = base_structures.loc[list(subjects)].groupby("structure").mean()
+        row["structures_dice_higher"] = int((mine - theirs.reindex(mine.index) > 0).sum())
+        rows[method] = row
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("method")
+
+
 def _first_seen(scores: pd.DataFrame, order: Sequence[str] | None) -> list[str]:
     """``order``, else the structures in the order they first appear in ``scores``."""
     return list(order) if order else list(dict.fromkeys(scores["structure"]))
 
 
-def render(scores: pd.DataFrame, order: Sequence[str] | None = None) -> str:
-    """The class-average and per-structure tables as text (what the scripts print)."""
+def render(scores: pd.DataFrame, order: Sequence[str] | None = None,
+           baseline: str | None = None) -> str:
+    """The class-average and per-structure tables as text (what the scripts print), and the
+    :func:`paired` comparison with ``baseline`` when it is one of the methods."""
     summaries = _summaries(scores)
-    return "\n".join([
-        "## Class average over the structures (mean ± std over test subjects)\n",
-        _class_average(scores, summaries).round(3).to_string(),
-        "\n## Per structure (mean and std over test subjects)\n",
-        _per_structure(summaries, _first_seen(scores, order)).round(3).to_string(),
-    ])
+    parts = ["## Class average over the structures (mean ± std over test subjects)\n",
+             _class_average(scores, summaries).round(3).to_string()]
+    table = paired(scores, baseline) if baseline in set(scores["method"]) else pd.DataFrame()
+    if not table.empty:
+        parts += [f"\n## Paired with {baseline} on the same test subjects (method minus {baseline})\n",
+                  table.round(3).to_string()]
+    parts += ["\n## Per structure (mean and std over test subjects)\n",
+              _per_structure(summaries, _first_seen(scores, order)).round(3).to_string()]
+    return "\n".join(parts)
 
 
 def _pm(mean: float, std: float) -> str:
@@ -134,9 +176,11 @@ def _pm(mean: float, std: float) -> str:
 
 
 def markdown(scores: pd.DataFrame, order: Sequence[str] | None = None,
-             methods: Sequence[str] | None = None) -> str:
+             methods: Sequence[str] | None = None, baseline: str | None = None) -> str:
     """The class-average and per-structure tables as Markdown, cells ``mean ± std`` over test
     subjects (for a model card). ``methods`` picks and orders the columns (default: all, sorted).
+    With a ``baseline`` that is one of the methods, a :func:`paired` table of the other listed
+    methods against it follows the class averages.
     """
     summaries = _summaries(scores)
     averages = _class_average(scores, summaries)
@@ -152,6 +196,9 @@ def markdown(scores: pd.DataFrame, order: Sequence[str] | None = None,
         a = averages.loc[m]
         lines.append(f"| {m} | {int(a['subjects'])} |" + (f" {int(a['folds'])} |" if folds else "")
                      + f" {_pm(a['dice_mean'], a['dice_std'])} | {_pm(a['nsd_mean'], a['nsd_std'])} |")
+    if baseline is not None and baseline in averages.index:
+        lines += ["", *_paired_markdown(paired(scores, baseline), baseline,
+                                        [m for m in methods if m != baseline])]
     table = _per_structure(summaries, order)
     header = ["structure"] + [f"Dice {m}" for m in methods] + [f"NSD {m}" for m in methods]
     lines += ["", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
@@ -161,3 +208,23 @@ def markdown(scores: pd.DataFrame, order: Sequence[str] | None = None,
                  for score in ("dice", "nsd") for m in methods]
         lines.append(f"| {structure} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _paired_markdown(table: pd.DataFrame, baseline: str, methods: Sequence[str]) -> list[str]:
+    """Rows of the Markdown :func:`paired` table for ``methods`` (those scored with ``baseline``)."""
+    lines = [f"| method | subjects | {baseline} Dice on them | Dice difference | subjects higher (Dice) "
+             "| NSD difference | subjects higher (NSD) | structures with higher Dice |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for m in (m for m in methods if m in table.index):
+        r = table.loc[m]
+        n = int(r["subjects"])
+        lines.append(f"| {m} | {n} | {r['baseline_dice']:.3f} "
+                     f"| {_signed(r['dice_diff_mean'])} ± {r['dice_diff_std']:.3f} | {int(r['dice_wins'])} of {n} "
+                     f"| {_signed(r['nsd_diff_mean'])} ± {r['nsd_diff_std']:.3f} | {int(r['nsd_wins'])} of {n} "
+                     f"| {int(r['structures_dice_higher'])} |")
+    return lines
+
+
+def _signed(value: float) -> str:
+    """``+0.031``; a difference that rounds to zero is ``+0.000``, never ``-0.000``."""
+    return f"{round(float(value), 3) + 0.0:+.3f}"

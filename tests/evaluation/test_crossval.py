@@ -5,7 +5,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bids_cadiff.evaluation.crossval import class_average, markdown, per_structure, pool, render
+from bids_cadiff.evaluation.crossval import class_average, markdown, paired, per_structure, pool, render
 
 
 def fold(path: Path, subjects: dict[str, list[float]], method: str = "A") -> Path:
@@ -77,3 +77,35 @@ def test_markdown_cells_are_mean_and_std_over_subjects(tmp_path):
     assert lines[7] == "| S0 | 1.000 | 0.700 ± 0.141 | 0.500 | 0.350 ± 0.071 |"
     with pytest.raises(ValueError, match=r"methods \['C'\] are not in the scores"):
         markdown(pool([f1]), methods=["C"])
+
+
+def _two_methods(tmp_path: Path) -> pd.DataFrame:
+    """Method A on sub-01..03, baseline B on sub-01, sub-02 and sub-04 (shared: sub-01, sub-02)."""
+    a = fold(tmp_path / "a.tsv", {"sub-01": [0.8, 0.6], "sub-02": [0.5, 0.5], "sub-03": [1.0, 1.0]})
+    b = fold(tmp_path / "b.tsv", {"sub-01": [0.6, 0.6], "sub-02": [0.4, 0.8], "sub-04": [0.1, 0.1]},
+             method="B")
+    return pd.concat([pd.read_csv(a, sep="\t"), pd.read_csv(b, sep="\t")], ignore_index=True)
+
+
+def test_paired_compares_on_the_shared_subjects_only(tmp_path):
+    row = paired(_two_methods(tmp_path), "B").loc["A"]
+    # class averages A 0.7, 0.5; B 0.6, 0.6 -> differences +0.1, -0.1 (sub-03, sub-04 unshared)
+    assert row["subjects"] == 2 and row["baseline_dice"] == pytest.approx(0.6)
+    assert row["dice_diff_mean"] == pytest.approx(0.0)
+    assert row["dice_diff_std"] == pytest.approx(pd.Series([0.1, -0.1]).std())
+    assert row["dice_wins"] == 1 and row["nsd_wins"] == 1
+    # structure means over sub-01, sub-02: A S0 0.65 vs B 0.5 (higher), S1 0.55 vs 0.7
+    assert row["structures_dice_higher"] == 1
+    with pytest.raises(ValueError, match="baseline 'C' is not in the scores"):
+        paired(_two_methods(tmp_path), "C")
+
+
+def test_paired_tables_in_render_and_markdown(tmp_path):
+    scores = _two_methods(tmp_path)
+    text = render(scores, baseline="B")
+    assert text.index("Class average") < text.index("Paired with B") < text.index("Per structure")
+    assert "Paired with" not in render(scores, baseline="Z")  # absent baseline: no section
+    assert "Paired with" not in render(scores[scores["method"] == "B"], baseline="B")  # nothing to pair
+    lines = markdown(scores, methods=["A", "B"], baseline="B").splitlines()
+    assert lines[7] == "| A | 2 | 0.600 | +0.000 ± 0.141 | 1 of 2 | +0.000 ± 0.071 | 1 of 2 | 1 |"
+    assert lines[9].startswith("| structure |")

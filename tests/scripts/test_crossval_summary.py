@@ -35,3 +35,13 @@ def test_main_markdown_picks_the_methods(tmp_path, capsys):
     assert crossval_summary.main([str(f1), "--markdown", "--methods", "A"]) == 0
     printed = capsys.readouterr().out
     assert "| A | 1 | 1 | 0.700 | 0.350 |" in printed and "| S1 | 0.600 | 0.300 |" in printed
+
+
+def test_main_pairs_with_the_baseline(tmp_path, capsys):
+    f1 = fold(tmp_path / "fold1.tsv", {"sub-01": [0.8, 0.6]})
+    f2 = fold(tmp_path / "fold2.tsv", {"sub-01": [0.6, 0.6]}, method="M")
+    assert crossval_summary.main([str(f1), str(f2), "--baseline", "M"]) == 0
+    printed = capsys.readouterr().out
+    assert "Paired with M on the same test subjects" in printed
+    assert crossval_summary.main([str(f1), "--markdown", "--methods", "A"]) == 0
+    assert "subjects higher" not in capsys.readouterr().out  # default Multi-Atlas absent
