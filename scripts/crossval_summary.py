@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from bids_cadiff.evaluation.crossval import markdown, pool, render
+from bids_cadiff.evaluation.multiatlas import MULTI_ATLAS
 
 log = logging.getLogger("crossval_summary")
 
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="print Markdown tables, cells mean ± std (for the model card)")
     parser.add_argument("--methods", default=None,
                         help="with --markdown: comma-separated methods, in column order")
-    parser.add_argument("--baseline", default="Multi-Atlas",
+    parser.add_argument("--baseline", default=MULTI_ATLAS,
                         help="method the others are paired with, subject by subject "
                              "(default: %(default)s; skipped when not in the scores)")
     args = parser.parse_args(argv)

@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from bids_cadiff.evaluation.metrics import evaluate_pair
     from bids_cadiff.app.multiatlas import multiatlas_segment
     from bids_cadiff.evaluation.crossval import render
+    from bids_cadiff.evaluation.multiatlas import MULTI_ATLAS
     from bids_cadiff.imaging.preprocess import to_ras
     from bids_cadiff.io.nifti import load_t1w
     from bids_cadiff.labels import ASEG_MERGE, aseg_to_table_values
@@ -116,11 +117,11 @@ def main(argv: list[str] | None = None) -> int:
                 table=table, merge=ASEG_MERGE,
                 cache_dir=args.work / "registration",
             )
-            score("Multi-Atlas", subject, channels.astype(np.int64), ref_idx, zooms)
+            score(MULTI_ATLAS, subject, channels.astype(np.int64), ref_idx, zooms)
     frame = pd.DataFrame(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(args.out, sep="\t", index=False, float_format="%.4f", na_rep="n/a")
-    print(render(frame, [e.abbreviation for e in table.entries[1:]], baseline="Multi-Atlas"))
+    print(render(frame, [e.abbreviation for e in table.entries[1:]], baseline=MULTI_ATLAS))
     return 0
 
 

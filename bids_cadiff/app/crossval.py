@@ -42,12 +42,12 @@ from bids_cadiff.app.train import (
     run_training,
 )
 from bids_cadiff.errors import InputError, UsageError
+from bids_cadiff.evaluation.multiatlas import MULTI_ATLAS
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["MULTI_ATLAS", "Variant", "make_folds", "run_crossval", "summarise"]
 
-MULTI_ATLAS = "Multi-Atlas"
 SWITCHES = (("model", "mode"), ("model", "taca"), ("diffusion", "consistency_loss"),
             ("diffusion", "similarity"), ("model", "spatial_dims"))
 

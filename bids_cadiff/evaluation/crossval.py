@@ -21,7 +21,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from bids_cadiff.evaluation.report import summary_table
+from bids_cadiff.evaluation.report import image_class_averages, summary_table
 from bids_cadiff.labels import SYNTHSEG32
 
 __all__ = ["FOLD_COLUMNS", "class_average", "markdown", "paired", "per_structure", "pool", "render"]
@@ -64,13 +64,19 @@ def pool(paths: Sequence[Path]) -> pd.DataFrame:
     return pooled
 
 
-def _summaries(scores: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Per method, :func:`summary_table` of its rows (subjects as images)."""
+def _by_method(scores: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per method, its rows as a :mod:`bids_cadiff.evaluation.report` scores table (subjects
+    as images: ``participant_id``; FreeSurfer ``label`` values; ``hd95`` NaN where absent)."""
     value = {e.abbreviation: e.value for e in SYNTHSEG32.entries}
     frame = scores.rename(columns={"subject": "participant_id"})
     frame = frame.assign(label=frame["structure"].map(value).fillna(-1).astype(int),
                          hd95=frame["hd95"] if "hd95" in frame else float("nan"))
-    return {method: summary_table(group) for method, group in frame.groupby("method", sort=False)}
+    return dict(tuple(frame.groupby("method", sort=False)))
+
+
+def _summaries(scores: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per method, :func:`summary_table` of its rows (subjects as images)."""
+    return {method: summary_table(group) for method, group in _by_method(scores).items()}
 
 
 def class_average(scores: pd.DataFrame) -> pd.DataFrame:
@@ -123,21 +129,22 @@ def paired(scores: pd.DataFrame, baseline: str) -> pd.DataFrame:
     Raises:
         ValueError: when ``baseline`` is not a method in ``scores``.
     """
-    methods = list(dict.fromkeys(scores["method"]))
-    if baseline not in methods:
-        raise ValueError(f"baseline {baseline!r} is not in the scores (have {methods})")
-    per_subject = scores.groupby(["method", "subject"])[["dice", "nsd"]].mean()
+    tables = _by_method(scores)
+    if baseline not in tables:
+        raise ValueError(f"baseline {baseline!r} is not in the scores (have {list(tables)})")
+    # each subject's class average, as summary_table's class-average row averages them
+    per_subject = {method: image_class_averages(table) for method, table in tables.items()}
     per_structure = scores.groupby(["method", "subject", "structure"])["dice"].mean()
-    base, base_structures = per_subject.loc[baseline], per_structure.loc[baseline]
+    base, base_structures = per_subject[baseline], per_structure.loc[baseline]
     rows = {}
-    for method in sorted(m for m in methods if m != baseline):
-        subjects = per_subject.loc[method].index.intersection(base.index)
+    for method in sorted(m for m in tables if m != baseline):
+        subjects = per_subject[method].index.intersection(base.index)
         if subjects.empty:
             continue
         row: dict[str, float | int] = {"subjects": len(subjects),
                                        "baseline_dice": base.loc[subjects, "dice"].mean()}
         for score in ("dice", "nsd"):
-            diff = per_subject.loc[method].loc[subjects, score] - base.loc[subjects, score]
+            diff = per_subject[method].loc[subjects, score] - base.loc[subjects, score]
             row.update({f"{score}_diff_mean": diff.mean(), f"{score}_diff_std": diff.std(),
                         f"{score}_wins": int((diff > 0).sum())})
         mine = per_structure.loc[method].loc[list(subjects)].groupby("structure").mean()

@@ -10,7 +10,10 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["majority_vote"]
+__all__ = ["MULTI_ATLAS", "majority_vote"]
+
+#: The multi-atlas baseline's method name in score tables (cross-validation, model card).
+MULTI_ATLAS = "Multi-Atlas"
 
 
 def majority_vote(label_maps: Sequence[np.ndarray], num_classes: int) -> np.ndarray:

@@ -36,6 +36,7 @@ __all__ = [
     "ENTITY_COLUMNS",
     "ImageScores",
     "format_table",
+    "image_class_averages",
     "scores_table",
     "summary_table",
     "summary_path",
@@ -136,15 +137,7 @@ def summary_table(scores: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (structure, label), group in scores.groupby(["structure", "label"], sort=False):
         rows.append({"structure": structure, "label": int(label), **_describe(group)})
-    id_columns = [c for c in scores.columns if c in ENTITY_COLUMNS.values()]
-    defined = scores[scores["dice"].notna()]
-    if id_columns and len(defined):
-        # Each image's class average; mean() skips NaN but keeps inf (an unbounded HD95).
-        grouped = defined.groupby(id_columns, sort=False, dropna=False)
-        per_image = grouped[list(SCORE_COLUMNS)].mean()
-    else:
-        per_image = defined[list(SCORE_COLUMNS)].mean().to_frame().T if len(defined) else defined
-    rows.append({"structure": CLASS_AVERAGE, "label": None, **_describe(per_image)})
+    rows.append({"structure": CLASS_AVERAGE, "label": None, **_describe(image_class_averages(scores))})
     columns = ["structure", "label", "n"] + [
         f"{c}_{s}" for c in SCORE_COLUMNS for s in ("mean", "std")
     ] + ["hd95_n_inf"]
@@ -152,6 +145,24 @@ def summary_table(scores: pd.DataFrame) -> pd.DataFrame:
     # Keep labels as ints beside the class-average row's None (not floats with NaN).
     table["label"] = pd.Series([r["label"] for r in rows], dtype=object)
     return table
+
+
+def image_class_averages(scores: pd.DataFrame) -> pd.DataFrame:
+    """Each image's class average of every score: the mean over its structures present in
+    either map (a defined Dice); ``mean()`` skips NaN but keeps inf (an unbounded HD95).
+
+    Args:
+        scores: a table from :func:`scores_table` (only the score and entity columns are read).
+
+    Returns:
+        One row per image, indexed by its entity columns, columns :data:`SCORE_COLUMNS`
+        (without entity columns: one row for the whole table; none when no Dice is defined).
+    """
+    id_columns = [c for c in scores.columns if c in ENTITY_COLUMNS.values()]
+    defined = scores[scores["dice"].notna()]
+    if id_columns and len(defined):
+        return defined.groupby(id_columns, sort=False, dropna=False)[list(SCORE_COLUMNS)].mean()
+    return defined[list(SCORE_COLUMNS)].mean().to_frame().T if len(defined) else defined
 
 
 def summary_path(scores_path: str | Path) -> Path:
