@@ -19,9 +19,12 @@ from typing import Any, Literal, Mapping
 
 AnalysisLevel = Literal["participant", "group"]
 Device = Literal["auto", "cpu", "cuda"]
+Refinement = Literal["em", "none"]
 
 ANALYSIS_LEVELS: tuple[str, ...] = ("participant", "group")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+#: ``--refine`` choices: intensity refinement on the T1w's own grid, or none.
+REFINEMENTS: tuple[str, ...] = ("em", "none")
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,9 @@ class RunConfig:
         device: ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda"``.
         steps: number of diffusion sampling steps (>= 1).
         seed: random seed for sampling (recorded in every sidecar).
+        refine: ``"em"``: the model's probabilities, resampled onto the T1w's own grid, are
+            refined by the T1w's intensities (:mod:`bids_cadiff.inference.refine`);
+            ``"none"``: their plain argmax.
         overwrite: recompute outputs that already exist instead of skipping them.
         verbosity: number of ``-v`` flags (0: INFO, >= 1: DEBUG).
     """
@@ -65,6 +71,7 @@ class RunConfig:
     device: Device = "auto"
     steps: int = 5
     seed: int = 0
+    refine: Refinement = "em"
     overwrite: bool = False
     verbosity: int = 0
 
@@ -73,6 +80,8 @@ class RunConfig:
             raise ValueError(
                 f"analysis_level must be one of {ANALYSIS_LEVELS}, got {self.analysis_level!r}"
             )
+        if self.refine not in REFINEMENTS:
+            raise ValueError(f"refine must be one of {REFINEMENTS}, got {self.refine!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         for name in ("nprocs", "omp_nthreads", "steps"):

@@ -43,13 +43,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bids_cadiff" / "data" / "model_card_scores.tsv")
     parser.add_argument("--no-multiatlas", action="store_true")
     parser.add_argument("--no-cadiff", action="store_true", help="only the multi-atlas baseline")
+    parser.add_argument("--no-prior-alone", action="store_true",
+                        help="skip the label-prior-alone rows")
+    parser.add_argument("--refine", default="",
+                        help="comma-separated refinement candidates to score beside the plain "
+                        "argmax, each NAME=PRIOR_WEIGHT (e.g. 'em=1,em0.5=0.5'): rows "
+                        "'CA-Diff + NAME (skull on|off)'")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     import nibabel as nib
     import torch
 
-    from bids_cadiff.app.participant import load_model, segment_t1w
+    from bids_cadiff.app.participant import (
+        labels_on_t1w_grid,
+        load_model,
+        prepare_image,
+        segment_prepared,
+    )
+    from bids_cadiff.inference.refine import RefineSettings
     from bids_cadiff.evaluation.metrics import evaluate_pair
     from bids_cadiff.app.multiatlas import multiatlas_segment
     from bids_cadiff.evaluation.crossval import render
@@ -63,7 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"evaluate_default_model: {FSTD} is missing (the project's shared data)")
     loaded = load_model(args.model)
     prior_only = None
-    if loaded.model.model_config.label_prior_bins:
+    refinements = {}
+    for item in [i.strip() for i in args.refine.split(",") if i.strip()]:
+        name, _, weight = item.partition("=")
+        try:
+            refinements[name] = RefineSettings(prior_weight=float(weight or 1.0))
+        except ValueError as exc:
+            parser.error(f"--refine {item!r}: {exc}; write NAME=PRIOR_WEIGHT, e.g. em=1")
+    if loaded.model.model_config.label_prior_bins and not args.no_prior_alone:
         # the label prior alone: the same model with its network's label logits set to zero,
         # so the app's pipeline runs unchanged and only log P(label | D0) decides
         silenced = copy.deepcopy(loaded.model)
@@ -105,12 +124,24 @@ def main(argv: list[str] | None = None) -> int:
         cadiff_inputs = tuple(i for i in cadiff_inputs if has_head or i[1] != "T1.mgz")
         for method, fname, model in cadiff_inputs:
             t1 = load_t1w(FSTD / subject / fname)
-            values, _, _ = segment_t1w(
-                t1, model, atlas=atlas, steps=model.model.diffusion_config.sampling_steps,
-                seed=0, device=torch.device("cpu"),
+            meta = model.metadata
+            prepared = prepare_image(
+                t1, atlas=atlas, voxel_size=meta.voxel_size, normalization=meta.normalization,
                 cache_dir=args.work / "registration", image_path=FSTD / subject / fname,
+                registration=str(meta.inputs["registration"]),
             )
-            score(method, subject, table.value_to_index(values), ref_idx, zooms)
+            probs, crop_affine = segment_prepared(
+                model, prepared, steps=model.model.diffusion_config.sampling_steps, seed=0,
+                device=torch.device("cpu"),
+            )
+            variants = {method: None}
+            if model is loaded:
+                kind = method[method.index("(") :]
+                variants.update({f"CA-Diff + {name} {kind}": settings
+                                 for name, settings in refinements.items()})
+            for name, settings in variants.items():
+                indices = labels_on_t1w_grid(t1, probs, crop_affine, prepared, settings)
+                score(name, subject, indices.astype(np.int64), ref_idx, zooms)
         if not args.no_multiatlas:
             channels, _ = multiatlas_segment(
                 FSTD / subject / ("T1.mgz" if has_head else "brainmask.mgz"), atlases,

@@ -63,6 +63,8 @@ MODEL_PHASE4 = {**MODEL, "label_prior_bins": PRIOR_BINS}
 #: is background in the targets and the prior (training/synth.py); without it the first
 #: phase-4 model scored CSF Dice 0.02 on the held-out fold, against 0.68 for multi-atlas.
 PHASE4_CSF_TO_BACKGROUND = True
+#: Logged per iteration: the losses, and the pair similarities L_sac fits Sim_D to Sim_M with.
+LOG_KEYS = ("loss", "dice_ce", "mse", "sac", "sim_d", "sim_m")
 
 
 def _sources() -> list[tuple[str, Path, Path | None, Path | None]]:
@@ -82,7 +84,7 @@ def _sources() -> list[tuple[str, Path, Path | None, Path | None]]:
 
 def prepare(work: Path) -> list[Path]:
     from bids_cadiff.app.participant import prepare_image
-    from bids_cadiff.imaging.preprocess import resample_to_reference, to_ras
+    from bids_cadiff.imaging.preprocess import normalise_intensity, resample_to_reference, to_ras
     from bids_cadiff.io.nifti import load_t1w
     from bids_cadiff.labels import aseg_to_table_values
     from bids_cadiff.registration.atlas import resolve_atlas
@@ -124,9 +126,13 @@ def prepare(work: Path) -> list[Path]:
             ) > 0
         else:
             mask = np.isin(raw_lab, list(BRAIN_VALUES))
+        # the app's input for the skull-stripped image (training/sampler.py)
+        image_brain = normalise_intensity(
+            prepared.corrected * mask, lower_percentile=NORMALIZATION["lower"],
+            upper_percentile=NORMALIZATION["upper"])
         tmp = dst.with_suffix(".tmp.npz")
         np.savez_compressed(
-            tmp, image=prepared.image.astype(np.float32),
+            tmp, image=prepared.image.astype(np.float32), image_brain=image_brain,
             distance=prepared.distance.astype(np.float16), values=values.astype(np.int16),
             raw_labels=raw_lab.astype(np.int16), mask=mask, affine=prepared.affine,
             real=np.array(aseg_path is not None), quality=np.array(prepared.registration.quality),
@@ -138,91 +144,12 @@ def prepare(work: Path) -> list[Path]:
     return done
 
 
-def _load_item(path: Path, csf_to_background: bool = False,
-               keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
-    """A prepared map (only ``keys`` if given); with ``csf_to_background`` a SynthSeg map's CSF
-    target becomes 0."""
-    from bids_cadiff.training.synth import extracerebral_csf_to_background
-
-    with np.load(path) as data:
-        item = {k: data[k] for k in (keys or data.files)}
-    if csf_to_background and not bool(item["real"]):
-        item["values"] = extracerebral_csf_to_background(item["values"])
-    return item
-
-
-class PatchSampler:
-    """Draws training patches; all randomness from one seeded numpy generator (checkpointed)."""
-
-    def __init__(self, files: list[Path], seed: int, balanced: bool = False,
-                 real_fraction: float | None = None, balanced_fraction: float | None = None,
-                 csf_to_background: bool = False) -> None:
-        """``real_fraction``/``balanced_fraction`` None: phases 1-2's draws (an item uniformly,
-        then a real image with probability 1/2; ``balanced`` for every patch or none). Given:
-        a real fstd image with probability ``real_fraction`` (else an image synthesised from
-        any label map), class-balanced centres with probability ``balanced_fraction``.
-        ``csf_to_background``: the SynthSeg maps' extra-cerebral CSF is background in the
-        targets (aseg's convention; phase 4)."""
-        self.items = [_load_item(f, csf_to_background) for f in files]
-        self.names = [f.stem for f in files]
-        self.rng = np.random.default_rng(seed)
-        self.balanced = balanced
-        self.real_fraction = real_fraction
-        self.balanced_fraction = balanced_fraction
-        self.all_items = list(range(len(self.items)))
-        self.real_items = [i for i in self.all_items if bool(self.items[i]["real"])]
-
-    def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        from bids_cadiff.imaging.preprocess import normalise_intensity
-        from bids_cadiff.labels import SYNTHSEG32
-        from bids_cadiff.training.synth import augment_intensity, bias_field, synthesize
-
-        rng = self.rng
-        if self.real_fraction is None:
-            item = self.items[int(rng.integers(len(self.items)))]
-            balanced = self.balanced
-        else:
-            use_real = rng.random() < self.real_fraction
-            pool = self.real_items if use_real else self.all_items
-            item = self.items[pool[int(rng.integers(len(pool)))]]
-            balanced = rng.random() < (self.balanced_fraction or 0.0)
-        values = item["values"]
-        if balanced:  # class-balanced: a structure uniformly, then one of its voxels
-            present = np.unique(values[values > 0])
-            fg = np.argwhere(values == present[int(rng.integers(len(present)))])
-        else:
-            fg = np.argwhere(values > 0)
-        centre = fg[int(rng.integers(len(fg)))] + rng.integers(-8, 9, size=3)
-        lo = np.clip(centre - np.array(PATCH) // 2, 0, np.maximum(np.array(values.shape) - PATCH, 0))
-        box = tuple(slice(int(a), int(a) + p) for a, p in zip(lo, PATCH))
-        skull = rng.random() < 0.6
-        if self.real_fraction is None:
-            real = bool(item["real"]) and rng.random() < 0.5
-        else:
-            real = use_real
-        if real:
-            image = item["image"][box].astype(np.float32)
-            if not skull:
-                image = image * item["mask"][box]
-            image = image * bias_field(image.shape, rng, rng.uniform(0, 0.3))
-            image = augment_intensity(image, rng)
-        else:
-            image = synthesize(item["raw_labels"][box], rng, skull=skull)
-        image = normalise_intensity(image)
-        distance = item["distance"][(slice(None), *box)].astype(np.float32)
-        labels = SYNTHSEG32.value_to_index(values[box])
-        pad = [(0, p - s) for p, s in zip(PATCH, image.shape)]
-        image = np.pad(image, pad)
-        distance = np.pad(distance, [(0, 0), *pad])
-        labels = np.pad(labels, pad)
-        return image, distance, labels
-
-
 def train(work: Path, files: list[Path], iterations: int, batch: int, lr: float, seed: int,
           *, phase: str = "", init: Path | None = None, balanced: bool = False,
           diffusion: dict | None = None, real_fraction: float | None = None,
           balanced_fraction: float | None = None, stop_at: int | None = None,
-          prior: bool = False, elastic: bool = False, csf_to_background: bool = False) -> Path:
+          prior: bool = False, elastic: bool = False, csf_to_background: bool = False,
+          accept_unrecorded: bool = False) -> Path:
     """One training phase; ``init``: start from the weights of a finished phase's state.
 
     ``stop_at``: end the phase there although its schedule runs to ``iterations``.
@@ -235,7 +162,7 @@ def train(work: Path, files: list[Path], iterations: int, batch: int, lr: float,
 
     from bids_cadiff.models.config import DiffusionConfig, ModelConfig
     from bids_cadiff.models.diffusion import CADiff
-    from bids_cadiff.training.synth import deform, smooth_deformation
+    from bids_cadiff.training.sampler import PatchSampler, augmented_batch, load_item
 
     torch.manual_seed(seed)
     model = CADiff(ModelConfig.from_dict(MODEL_PHASE4 if prior else MODEL),
@@ -246,8 +173,9 @@ def train(work: Path, files: list[Path], iterations: int, batch: int, lr: float,
         _load_weights(model, torch.load(init, weights_only=False)["model"], init)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=iterations, pct_start=0.05)
-    sampler = PatchSampler(files, seed, balanced=balanced, real_fraction=real_fraction,
-                           balanced_fraction=balanced_fraction, csf_to_background=csf_to_background)
+    sampler = PatchSampler([load_item(f, csf_to_background) for f in files],
+                           [f.stem for f in files], seed, PATCH, balanced=balanced,
+                           real_fraction=real_fraction, balanced_fraction=balanced_fraction)
     affine = RandAffined(
         keys=["image", "distance", "labels"], prob=0.7, rotate_range=[0.17] * 3,
         scale_range=[0.1] * 3, mode=["bilinear", "bilinear", "nearest"], padding_mode="zeros",
@@ -259,6 +187,7 @@ def train(work: Path, files: list[Path], iterations: int, batch: int, lr: float,
     if state_path.is_file():
         state = torch.load(state_path, weights_only=False)
         _check_csf_setting(state, csf_to_background, state_path)
+        _check_training_items(state, files, state_path, accept_unrecorded)
         _load_weights(model, state["model"], state_path)
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
@@ -269,7 +198,7 @@ def train(work: Path, files: list[Path], iterations: int, batch: int, lr: float,
         start_it = state["iteration"]
         log.info("resumed at iteration %d", start_it)
     log_path = work / f"train_log{phase}.tsv"
-    header = "iteration\tseconds\tloss\tdice_ce\tmse\tsac\tlr\n"
+    header = "iteration\tseconds\t" + "\t".join(LOG_KEYS) + "\tlr\n"
     if not log_path.exists():
         log_path.write_text(header)
     # on resume: drop rows logged after the last saved state, and keep counting seconds on
@@ -283,18 +212,8 @@ def train(work: Path, files: list[Path], iterations: int, batch: int, lr: float,
 
     end = min(iterations, stop_at) if stop_at else iterations
     for it in tqdm(range(start_it, end), initial=start_it, total=end, mininterval=30):
-        imgs, dists, labs = [], [], []
-        for _ in range(batch):
-            image, distance, labels = sampler.sample()
-            out = affine({"image": image[None], "distance": distance, "labels": labels[None].astype(np.float32)})
-            if elastic:  # image, field and labels deformed together
-                arrays = {k: np.asarray(out[k]) for k in ("image", "distance", "labels")}
-                out = deform(arrays, smooth_deformation(arrays["image"].shape[1:], sampler.rng),
-                             nearest=("labels",))
-            imgs.append(torch.as_tensor(np.asarray(out["image"])))
-            dists.append(torch.as_tensor(np.asarray(out["distance"])))
-            labs.append(torch.as_tensor(np.asarray(out["labels"])).round().long())
-        losses = model.training_losses(torch.stack(imgs), torch.stack(dists), torch.stack(labs), generator=gen)
+        images, distances, labels = augmented_batch(sampler, affine, batch, elastic=elastic)
+        losses = model.training_losses(images, distances, labels, generator=gen)
         opt.zero_grad()
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -303,7 +222,7 @@ def train(work: Path, files: list[Path], iterations: int, batch: int, lr: float,
         with log_path.open("a") as fh:
             fh.write("\t".join([str(it + 1), f"{time.time() - t0:.1f}"] + [
                 f"{float(losses[k].detach()) if k in losses else float('nan'):.4f}"
-                for k in ("loss", "dice_ce", "mse", "sac")
+                for k in LOG_KEYS
             ] + [f"{sched.get_last_lr()[0]:.2e}"]) + "\n")
         if (it + 1) % 100 == 0 or it + 1 == end:
             tmp = state_path.with_suffix(".tmp")
@@ -312,9 +231,36 @@ def train(work: Path, files: list[Path], iterations: int, batch: int, lr: float,
                 "sampler_rng": sampler.rng.bit_generator.state, "affine_rng": affine.R.get_state(),
                 "gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "iteration": it + 1,
                 "csf_to_background": csf_to_background,
+                "training_items": sorted(f.stem for f in files),
             }, tmp)
             tmp.rename(state_path)
     return state_path
+
+
+def _check_training_items(state: dict, files: list[Path], source: Path,
+                          accept_unrecorded: bool = False) -> None:
+    """Refuse a state whose training maps differ from ``files`` (another ``--holdout``): its
+    weights, and the label prior built from ``files``, would mix the two sets. A state
+    without the record (written before it existed, like those in artifacts/default_model/)
+    is refused too, unless ``accept_unrecorded`` (``--accept-unrecorded-state``) takes it as
+    trained on ``files``."""
+    if "training_items" not in state:
+        if accept_unrecorded:
+            log.warning("%s does not record its training maps; taken as trained on this run's "
+                        "%d maps (--accept-unrecorded-state)", source, len(files))
+            return
+        raise RuntimeError(
+            f"{source}: the state does not record its training maps (written before "
+            "train_default_model recorded them), so it cannot be checked against --holdout; "
+            "train again in a fresh --work, or pass --accept-unrecorded-state with the "
+            "--holdout it was trained with (the shipped states: --holdout sub-01,sub-02,sub-05, "
+            "as sub-05 had no labels then)")
+    recorded, current = set(state["training_items"]), {f.stem for f in files}
+    if recorded != current:
+        raise RuntimeError(
+            f"{source}: trained on other maps than this run's (only in the state: "
+            f"{sorted(recorded - current)}; only in this run: {sorted(current - recorded)}): "
+            "pass the --holdout it was trained with, or use another --work")
 
 
 def _check_csf_setting(state: dict, expected: bool, source: Path) -> None:
@@ -344,9 +290,11 @@ def label_prior(files: list[Path], csf_to_background: bool = False) -> np.ndarra
     from bids_cadiff.labels import SYNTHSEG32
     from bids_cadiff.models.prior import build_label_prior
 
+    from bids_cadiff.training.sampler import load_item
+
     def samples():
         for f in files:
-            item = _load_item(f, csf_to_background, keys=("distance", "values", "real"))
+            item = load_item(f, csf_to_background, keys=("distance", "values", "real"))
             yield item["distance"].astype(np.float32), SYNTHSEG32.value_to_index(item["values"])
 
     start = time.time()
@@ -367,6 +315,9 @@ def export(work: Path, dest: Path, files: list[Path], iterations: int, args: arg
     state = torch.load(work / f"train_state{phases[-1]}.pt", weights_only=False)
     _check_csf_setting(state, PHASE4_CSF_TO_BACKGROUND and phases[-1] == "_phase4",
                        work / f"train_state{phases[-1]}.pt")
+    # the label prior is rebuilt from ``files``: they must be the state's training maps
+    _check_training_items(state, files, work / f"train_state{phases[-1]}.pt",
+                          getattr(args, "accept_unrecorded_state", False))
     diffusion = DIFFUSION_PHASE3 if phases[-1] in ("_phase3", "_phase4") else DIFFUSION
     model_config = MODEL_PHASE4 if phases[-1] == "_phase4" else MODEL
     model = CADiff(ModelConfig.from_dict(model_config), DiffusionConfig.from_dict(diffusion))
@@ -430,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--holdout", default="", help="comma-separated fstd subjects to leave out")
     parser.add_argument("--output", type=Path, default=REPO / "bids_cadiff" / "data" / "cadiff-default.pt")
     parser.add_argument("--stage", choices=["all", "prepare", "train", "export"], default="all")
+    parser.add_argument("--accept-unrecorded-state", action="store_true",
+                        help="take a resumable state that does not record its training maps "
+                        "(written before they were recorded) as trained on this run's maps")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -444,19 +398,23 @@ def main(argv: list[str] | None = None) -> int:
     early = [f for f in files if not f.stem.startswith("synthseg-")
              or int(f.stem.rsplit("_", 1)[-1]) <= EARLY_SYNTHSEG_MAPS]
     if args.stage in ("all", "train"):
-        last = train(args.work, early, args.iterations, args.batch, args.lr, args.seed)
+        accept = args.accept_unrecorded_state
+        last = train(args.work, early, args.iterations, args.batch, args.lr, args.seed,
+                     accept_unrecorded=accept)
         if args.phase2_iterations:
             last = train(args.work, early, args.phase2_iterations, args.batch, args.lr / 2,
-                         args.seed + 1, phase="_phase2", init=last, balanced=True)
+                         args.seed + 1, phase="_phase2", init=last, balanced=True,
+                         accept_unrecorded=accept)
         if args.phase3_iterations:
             last = train(args.work, files, args.phase3_iterations, args.batch, args.phase3_lr,
                          args.seed + 2, phase="_phase3", init=last, diffusion=DIFFUSION_PHASE3,
-                         real_fraction=0.7, balanced_fraction=0.5, stop_at=args.phase3_stop_at)
+                         real_fraction=0.7, balanced_fraction=0.5, stop_at=args.phase3_stop_at,
+                         accept_unrecorded=accept)
         if args.phase4_iterations:
             train(args.work, files, args.phase4_iterations, args.batch, args.phase4_lr,
                   args.seed + 3, phase="_phase4", init=last, diffusion=DIFFUSION_PHASE3,
                   real_fraction=0.7, balanced_fraction=0.5, prior=True, elastic=True,
-                  csf_to_background=PHASE4_CSF_TO_BACKGROUND)
+                  csf_to_background=PHASE4_CSF_TO_BACKGROUND, accept_unrecorded=accept)
     if args.stage in ("all", "export"):
         export(args.work, args.output, files, args.iterations, args)
     return 0

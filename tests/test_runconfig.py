@@ -39,7 +39,8 @@ def test_frozen_and_to_dict_is_a_copy():
 
 
 @pytest.mark.parametrize("kw", [{"analysis_level": "subject"}, {"device": "tpu"},
-                                {"steps": 0}, {"nprocs": 0}, {"omp_nthreads": -1}])
+                                {"steps": 0}, {"nprocs": 0}, {"omp_nthreads": -1},
+                                {"refine": "crf"}])
 def test_invalid_values(kw):
     base = dict(bids_dir=Path("/a"), output_dir=Path("/b"), analysis_level="group")
     base.update(kw)

@@ -29,6 +29,7 @@ from bids_cadiff.bidsio.query import T1wRecord, find_t1w
 from bids_cadiff.config import RunConfig
 from bids_cadiff.errors import CadiffError, CheckpointError, UsageError
 from bids_cadiff.imaging.preprocess import (
+    bias_field,
     n4_bias_correct,
     normalise_intensity,
     resample_to_spacing,
@@ -36,7 +37,12 @@ from bids_cadiff.imaging.preprocess import (
 )
 from bids_cadiff.inference.checkpoint import LoadedModel, load_checkpoint
 from bids_cadiff.inference.predict import predict_volume, resolve_device
-from bids_cadiff.inference.resample import probabilities_to_grid
+from bids_cadiff.inference.refine import RefineSettings
+from bids_cadiff.inference.resample import (
+    field_to_grid,
+    probabilities_to_grid,
+    refined_labels_on_grid,
+)
 from bids_cadiff.io.nifti import load_t1w
 from bids_cadiff.reports.overlay import overlay_png
 from bids_cadiff.registration.ants import Registration, register_atlas, warp_distance_field
@@ -59,14 +65,20 @@ class PreparedImage:
         distance: ``(3, X, Y, Z)`` float32 atlas distance field in [0, 1], 0 outside the brain.
         affine: ``(4, 4)`` voxel-to-world matrix of the model grid.
         registration: the atlas registration (quality figure, transforms).
+        bias: ``(X, Y, Z)`` float32 multiplicative intensity bias that N4 removed (1 where
+            it is undefined), to correct the T1w on its own grid for the refinement.
         timings: seconds per stage.
+        corrected: ``(X, Y, Z)`` float32 N4-corrected intensities before normalisation (the
+            training recipe derives its skull-stripped inputs from them).
     """
 
     image: np.ndarray
     distance: np.ndarray
     affine: np.ndarray
     registration: Registration
+    bias: np.ndarray | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    corrected: np.ndarray | None = None
 
 
 def load_model(path: Path | None) -> LoadedModel:
@@ -92,6 +104,7 @@ def prepare_image(
     normalization: Mapping[str, float | str],
     cache_dir: Path | None,
     image_path: Path | None = None,
+    registration: str = "syn",
 ) -> PreparedImage:
     """Preprocess one T1w and bring the atlas distance field onto it (shared with training).
 
@@ -102,15 +115,28 @@ def prepare_image(
         normalization: ``{"method": "percentile", "lower": 0.5, "upper": 99.5}``.
         cache_dir: registration cache (content-keyed), or ``None``.
         image_path: for messages.
+        registration: ``"syn"`` or ``"affine"``, as the model's checkpoint says
+            (``inputs.registration``).
+
+    Raises:
+        UsageError: a registration mode the app cannot reproduce (``"none"``: a model trained
+            on identity fields, for tests only).
     """
+    if registration not in ("syn", "affine"):
+        raise UsageError(
+            f"the model was trained with registration {registration!r}; the app registers the "
+            "atlas with 'syn' or 'affine': retrain with cadiff-train --registration syn"
+        )
     timings: dict[str, float] = {}
     start = time.perf_counter()
     grid = resample_to_spacing(to_ras(t1), tuple(float(v) for v in voxel_size), order=1)
     timings["resample"] = time.perf_counter() - start
     start = time.perf_counter()
+    before = np.asanyarray(grid.dataobj).astype(np.float32)
     grid = n4_bias_correct(grid)
     timings["n4"] = time.perf_counter() - start
     data = np.asanyarray(grid.dataobj).astype(np.float32)
+    bias = bias_field(before, data)
     if normalization.get("method", "percentile") != "percentile":
         raise UsageError(f"unknown intensity normalisation {normalization!r} in the model")
     image = normalise_intensity(
@@ -119,13 +145,38 @@ def prepare_image(
         upper_percentile=float(normalization.get("upper", 99.5)),
     )
     start = time.perf_counter()
-    registration = register_atlas(grid, atlas, cache_dir=cache_dir, image_path=image_path)
+    registration_result = register_atlas(
+        grid, atlas, cache_dir=cache_dir, image_path=image_path,
+        type_of_transform="SyN" if registration == "syn" else "Affine",
+    )
     timings["registration"] = time.perf_counter() - start
     start = time.perf_counter()
     atlas_img, atlas_field = atlas_distance_field(atlas)
-    distance = warp_distance_field(atlas_field, atlas_img, registration, grid)
+    distance = warp_distance_field(atlas_field, atlas_img, registration_result, grid)
     timings["field_warp"] = time.perf_counter() - start
-    return PreparedImage(image, distance, grid.affine, registration, timings)
+    return PreparedImage(image, distance, grid.affine, registration_result, bias, timings,
+                         corrected=data)
+
+
+def labels_on_t1w_grid(
+    t1: nib.Nifti1Image,
+    probs: torch.Tensor,
+    crop_affine: np.ndarray,
+    prepared: PreparedImage,
+    refine: RefineSettings | None,
+) -> np.ndarray:
+    """Channel indices ``(X, Y, Z)`` on the T1w's own grid from the model's probabilities:
+    their argmax after trilinear resampling, or (``refine`` given) the argmax of the
+    intensity-refined posterior (:mod:`bids_cadiff.inference.refine`) on the T1w's own voxels,
+    bias-corrected with the N4 field of ``prepared``."""
+    shape = tuple(int(n) for n in t1.shape[:3])
+    if refine is None:
+        return probabilities_to_grid(probs, crop_affine, shape, t1.affine)
+    intensity = np.asanyarray(t1.dataobj, dtype=np.float32).reshape(shape)
+    if prepared.bias is not None:  # None: an image prepared without N4 (used as it is)
+        bias = field_to_grid(prepared.bias, prepared.affine, shape, t1.affine, fill=1.0)
+        intensity = intensity / np.maximum(bias, 1e-3)
+    return refined_labels_on_grid(probs, crop_affine, intensity, t1.affine, refine)
 
 
 def brain_box(distance: np.ndarray, margin: int = CROP_MARGIN) -> tuple[slice, ...]:
@@ -164,7 +215,7 @@ def segment_prepared(
     probs = predict_volume(
         loaded.model, prepared.image[box], prepared.distance[(slice(None), *box)],
         patch_size=loaded.metadata.patch_size, steps=steps, seed=seed, device=device,
-        progress=progress,
+        progress=progress, slice_axis=int(loaded.metadata.inputs["slice_axis"]),
     )
     offset = np.eye(4)
     offset[:3, 3] = [s.start for s in box]
@@ -182,8 +233,10 @@ def segment_t1w(
     cache_dir: Path | None,
     image_path: Path | None = None,
     progress: bool = False,
+    refine: RefineSettings | None = None,
 ) -> tuple[np.ndarray, PreparedImage, dict[str, float]]:
-    """Segment one T1w: label values ``(X, Y, Z)`` int on the T1w's own grid.
+    """Segment one T1w: label values ``(X, Y, Z)`` int on the T1w's own grid (``refine``:
+    the intensity refinement's settings, ``None`` for the plain argmax).
 
     Returns:
         ``(label_values, prepared, timings)``.
@@ -192,6 +245,7 @@ def segment_t1w(
     prepared = prepare_image(
         t1, atlas=atlas, voxel_size=meta.voxel_size, normalization=meta.normalization,
         cache_dir=cache_dir, image_path=image_path,
+        registration=str(meta.inputs["registration"]),
     )
     timings = dict(prepared.timings)
     start = time.perf_counter()
@@ -200,8 +254,10 @@ def segment_t1w(
     )
     timings["inference"] = time.perf_counter() - start
     start = time.perf_counter()
-    indices = probabilities_to_grid(probs, crop_affine, t1.shape[:3], t1.affine)
-    timings["to_native_grid"] = time.perf_counter() - start
+    indices = labels_on_t1w_grid(t1, probs, crop_affine, prepared, refine)
+    timings["refinement" if refine is not None else "to_native_grid"] = (
+        time.perf_counter() - start
+    )
     return meta.labels.index_to_value(indices), prepared, timings
 
 
@@ -225,10 +281,11 @@ def process_record(
     entities = record.entities
     out = config.output_dir
     t1 = load_t1w(record.path)
+    refine = RefineSettings() if config.refine == "em" else None
     labels, prepared, timings = segment_t1w(
         t1, loaded, atlas=atlas, steps=config.steps, seed=config.seed, device=device,
         cache_dir=config.work_dir / "registration", image_path=record.path,
-        progress=log.isEnabledFor(logging.INFO),
+        progress=log.isEnabledFor(logging.INFO), refine=refine,
     )
     write_start = time.perf_counter()
     table = loaded.metadata.labels
@@ -261,12 +318,44 @@ def process_record(
         extra={
             "ModelVoxelSizeMM": list(loaded.metadata.voxel_size),
             "LabelPrior": _label_prior_description(loaded),
+            "Refinement": _refinement_description(refine),
             "StageSeconds": {k: round(v, 2) for k, v in timings.items()},
             "GeneratedBy": {"Name": "bids_cadiff", "Version": __version__},
         },
     )
     deriv.write_dseg_sidecar(deriv.dseg_sidecar_path(out, entities), sidecar)
     return timings
+
+
+def _warn_if_other_refinement(config: RunConfig, record: T1wRecord) -> None:
+    """A finished output made with another ``--refine`` is kept, but said so: one
+    derivatives folder would otherwise mix refined and unrefined label maps unnoticed."""
+    import json
+
+    path = deriv.dseg_sidecar_path(config.output_dir, record.entities)
+    try:
+        made = json.loads(path.read_text()).get("Refinement")
+    except (OSError, ValueError):
+        return
+    if (made is not None) != (config.refine == "em"):
+        log.warning(
+            "%s: the finished output was made with --refine %s, this run asks for --refine "
+            "%s; pass --overwrite to redo it", record.relpath, "em" if made else "none",
+            config.refine,
+        )
+
+
+def _refinement_description(refine: RefineSettings | None) -> dict[str, object] | None:
+    """The sidecar's account of the intensity refinement (None: plain argmax)."""
+    if refine is None:
+        return None
+    return {
+        "Description": "the model's probabilities, trilinearly resampled onto the T1w's own "
+        "grid, are the spatial prior of an EM fit of one Gaussian intensity model per "
+        "structure (a mixture for the background) to the N4-corrected T1w; labels are the "
+        "posterior's argmax (bids_cadiff.inference.refine)",
+        "Settings": refine.as_dict(),
+    }
 
 
 def _label_prior_description(loaded: LoadedModel) -> dict[str, object] | None:
@@ -336,6 +425,7 @@ def run_participant(config: RunConfig) -> int:
     for record in records:
         if not config.overwrite and _is_finished(config.output_dir, record.entities):
             log.info("%s: already done, skipped (--overwrite recomputes)", record.relpath)
+            _warn_if_other_refinement(config, record)
         else:
             todo.append(record)
     workers = max(1, config.nprocs // config.omp_nthreads) if device.type == "cpu" else 1

@@ -527,6 +527,8 @@ def run_training(
             voxel_size=tuple(float(v) for v in data.voxel_size),
             patch_size=tuple(int(p) for p in config.training.patch_size),
             atlas={"name": atlas.name, "source": atlas.description},
+            inputs={"registration": data.registration,
+                    "slice_axis": int(config.training.slice_axis)},
             training={
                 "recipe": config.to_dict(),
                 "train_images": [it.name for it in train_items],

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
 from bids_cadiff import __version__
-from bids_cadiff.config import ANALYSIS_LEVELS, DEVICES, RunConfig
+from bids_cadiff.config import ANALYSIS_LEVELS, DEVICES, REFINEMENTS, RunConfig
 
 _LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
 
@@ -270,6 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps", type=_positive_int, default=5, metavar="N", help="diffusion sampling steps"
     )
     model.add_argument("--seed", type=_seed, default=0, metavar="N", help="random seed")
+    model.add_argument(
+        "--refine",
+        choices=REFINEMENTS,
+        default="em",
+        help="em (default): refine the model's probabilities on the T1w's own grid with its "
+        "intensities (per-structure Gaussian intensity models fitted by EM, the model's "
+        "probabilities as the spatial prior); none: their plain argmax",
+    )
 
     other = parser.add_argument_group("other")
     other.add_argument(
@@ -376,6 +384,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
         device=opts.device,
         steps=opts.steps,
         seed=opts.seed,
+        refine=opts.refine,
         overwrite=opts.overwrite,
         verbosity=opts.verbosity,
     )

@@ -24,7 +24,8 @@ import pandas as pd
 from bids_cadiff.evaluation.report import image_class_averages, summary_table
 from bids_cadiff.labels import SYNTHSEG32
 
-__all__ = ["FOLD_COLUMNS", "class_average", "markdown", "paired", "per_structure", "pool", "render"]
+__all__ = ["FOLD_COLUMNS", "SELECTED", "class_average", "markdown", "nested_fold", "paired",
+           "per_structure", "pool", "render", "select_variant"]
 
 #: Columns a fold table must have (``hd95`` is optional).
 FOLD_COLUMNS = ("method", "subject", "structure", "dice", "nsd")
@@ -62,6 +63,81 @@ def pool(paths: Sequence[Path]) -> pd.DataFrame:
         raise ValueError(f"{first['fold']}: {first['method']} {first['subject']} {first['structure']} "
                          "is scored more than once; pass each fold's file once")
     return pooled
+
+
+#: Method name of the variant chosen inside each fold's training subjects (:func:`nested_fold`).
+SELECTED = "CA-Diff + variant chosen on training subjects"
+
+
+def _variant(method: str) -> tuple[str, str]:
+    """``"CA-Diff + em (skull on)"`` -> ``("CA-Diff + em", " (skull on)")``; the suffix is
+    empty for a method without one."""
+    head, sep, tail = method.rpartition(" (")
+    return (head, f" ({tail}") if sep else (method, "")
+
+
+def select_variant(scores: pd.DataFrame, candidates: Sequence[str], subjects: Sequence[str]) -> str:
+    """The candidate method (variant name without its ``(skull on|off)`` suffix) with the
+    highest mean class-average Dice over ``subjects`` and every input kind it was scored on;
+    ties go to the first candidate.
+
+    Args:
+        scores: a fold table that has rows for ``subjects`` (not the fold's test subjects).
+        candidates: variant names, e.g. ``["CA-Diff", "CA-Diff + em"]``.
+        subjects: the subjects the choice is made on.
+
+    Raises:
+        ValueError: a candidate has no rows for these subjects.
+    """
+    rows = scores[scores["subject"].isin(list(subjects))]
+    variants = rows["method"].map(lambda m: _variant(m)[0])
+    best, best_score = "", float("-inf")
+    for candidate in candidates:
+        mine = rows[variants == candidate]
+        if mine.empty:
+            raise ValueError(f"no scores of {candidate!r} on {', '.join(subjects)}")
+        per_image = mine.groupby(["method", "subject"])["dice"].mean()
+        if float(per_image.mean()) > best_score:
+            best, best_score = candidate, float(per_image.mean())
+    if not best:
+        raise ValueError(f"no defined Dice for any of {list(candidates)} on {', '.join(subjects)}")
+    return best
+
+
+def nested_fold(
+    scores: pd.DataFrame, candidates: Sequence[str], test: Sequence[str]
+) -> tuple[pd.DataFrame, str]:
+    """One fold of a nested comparison: the variant is chosen on the fold's other subjects
+    (:func:`select_variant`), then only the test subjects' rows are kept, every candidate's
+    and the chosen one's again under :data:`SELECTED`.
+
+    The other subjects are the fold model's training subjects, which it has fitted: the
+    choice is free of the test subjects but leans towards variants that trust the model
+    (e.g. its plain argmax) more than unseen subjects would reward.
+
+    Args:
+        scores: the fold model's scores on every subject (test and training).
+        candidates: the variants to choose from.
+        test: the fold's test subjects (they take no part in the choice).
+
+    Returns:
+        ``(test rows, chosen variant)``.
+
+    Raises:
+        ValueError: no subject besides the test subjects, or a test subject without rows.
+    """
+    others = sorted(set(scores["subject"]) - set(test))
+    if not others:
+        raise ValueError("no subject besides the test subjects to choose on")
+    missing = sorted(set(test) - set(scores["subject"]))
+    if missing:
+        raise ValueError(f"test subjects without scores: {', '.join(missing)}")
+    chosen = select_variant(scores, candidates, others)
+    kept = scores[scores["subject"].isin(list(test))]
+    kept = kept[kept["method"].map(lambda m: _variant(m)[0]).isin(list(candidates))]
+    picked = kept[kept["method"].map(lambda m: _variant(m)[0]) == chosen]
+    picked = picked.assign(method=picked["method"].map(lambda m: SELECTED + _variant(m)[1]))
+    return pd.concat([kept, picked], ignore_index=True), chosen
 
 
 def _by_method(scores: pd.DataFrame) -> dict[str, pd.DataFrame]:

@@ -29,6 +29,7 @@ _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 __all__ = [
     "ants_affine",
+    "bias_field",
     "ants_to_nib",
     "foreground_mask",
     "looks_skull_stripped",
@@ -324,3 +325,33 @@ def n4_bias_correct(img: nib.Nifti1Image, *, shrink_factor: int = 4) -> nib.Nift
     out = corrected.numpy().astype(np.float32)
     logger.debug("N4 bias correction done on %s voxels", int(mask.sum()))
     return nib.Nifti1Image(out, np.asarray(img.affine))
+
+
+def bias_field(before: np.ndarray, after: np.ndarray, *, sigma_voxels: float = 2.0) -> np.ndarray:
+    """The multiplicative bias a correction removed: ``before / after``, smoothed.
+
+    Args:
+        before, after: ``(X, Y, Z)`` the image before and after bias correction (same grid).
+        sigma_voxels: Gaussian smoothing of the ratio (N4's field is smooth; this only
+            removes the noise of the division at dark voxels).
+
+    Returns:
+        ``(X, Y, Z)`` float32 field: the normalised Gaussian average of the ratio over the
+        voxels where it is defined (``after`` above 1 % of its 99th percentile of positive
+        values), at those voxels and where they make up more than half of the smoothing
+        window; 1 elsewhere (far from any defined voxel).
+    """
+    before = np.asarray(before, dtype=np.float32)
+    after = np.asarray(after, dtype=np.float32)
+    if before.shape != after.shape:
+        raise ValueError(f"shapes differ: {before.shape} and {after.shape}")
+    positive = after[after > 0]
+    if positive.size == 0:
+        return np.ones_like(after)
+    valid = after > 0.01 * float(np.percentile(positive, 99))
+    ratio = np.where(valid, before / np.where(valid, after, 1.0), 0.0).astype(np.float32)
+    weight = valid.astype(np.float32)
+    num = ndimage.gaussian_filter(ratio, sigma_voxels)
+    den = ndimage.gaussian_filter(weight, sigma_voxels)
+    field = np.where(den > 1e-3, num / np.maximum(den, 1e-3), 1.0)
+    return np.where(valid | (den > 0.5), field, 1.0).astype(np.float32)

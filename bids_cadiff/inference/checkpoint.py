@@ -12,6 +12,10 @@ A checkpoint is a ``torch.save`` of a dict of plain values and tensors, read bac
 ``voxel_size``         mm, the grid the model was trained at (images are resampled to it)
 ``patch_size``         voxels, the sliding-window size
 ``atlas``              the atlas its distance field came from (name, source)
+``inputs``             how its inputs were made: ``registration`` (``"syn"``, ``"affine"`` or
+                       ``"none"``) and ``slice_axis`` (2D models; RAS axis). Optional:
+                       checkpoints written before it existed were all made with SyN and
+                       axial slices, which :data:`DEFAULT_INPUTS` says
 ``training``           provenance: data, iterations, hours, hardware, command, ...
 ``name``, ``package_version``   model name and the bids_cadiff version that wrote it
 ``dtype``              ``"float32"`` or ``"float16"`` (compact storage; loaded as float32)
@@ -40,6 +44,30 @@ from bids_cadiff.models.diffusion import CADiff
 
 FORMAT = "bids_cadiff-checkpoint"
 FORMAT_VERSION = 1
+#: Registration modes a model's distance field can have been made with.
+REGISTRATION_MODES = ("syn", "affine", "none")
+#: ``inputs`` of checkpoints written before the key existed (all SyN, axial slices).
+DEFAULT_INPUTS: Mapping[str, Any] = {"registration": "syn", "slice_axis": 2}
+
+
+def check_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``inputs`` entry, complete and checked.
+
+    Raises:
+        ValueError: an unknown registration mode or slice axis, or an unknown key.
+    """
+    unknown = sorted(set(inputs) - set(DEFAULT_INPUTS))
+    if unknown:
+        raise ValueError(f"unknown inputs {unknown} (known: {sorted(DEFAULT_INPUTS)})")
+    out = {**DEFAULT_INPUTS, **inputs}
+    if out["registration"] not in REGISTRATION_MODES:
+        raise ValueError(
+            f"inputs.registration must be one of {REGISTRATION_MODES}, got {out['registration']!r}"
+        )
+    if out["slice_axis"] not in (0, 1, 2):
+        raise ValueError(f"inputs.slice_axis must be 0, 1 or 2, got {out['slice_axis']!r}")
+    return out
+
 _REQUIRED = (
     "format",
     "format_version",
@@ -71,6 +99,8 @@ class ModelMetadata:
         patch_size: sliding-window size in voxels.
         atlas: ``{"name": ..., "source": ...}`` of the distance field's atlas.
         training: free-form provenance (JSON-able).
+        inputs: how the model's inputs were made (:data:`DEFAULT_INPUTS`): the app makes
+            them the same way.
         package_version: bids_cadiff version that wrote the file.
         sha256: content hash (filled in by :func:`save_checkpoint` / :func:`load_checkpoint`).
     """
@@ -82,8 +112,13 @@ class ModelMetadata:
     patch_size: tuple[int, ...]
     atlas: Mapping[str, Any] = field(default_factory=dict)
     training: Mapping[str, Any] = field(default_factory=dict)
+    inputs: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_INPUTS))
     package_version: str = __version__
     sha256: str = ""
+
+    def __post_init__(self) -> None:
+        # complete and check ``inputs`` (defaults for missing keys; ValueError otherwise)
+        object.__setattr__(self, "inputs", check_inputs(self.inputs))
 
 
 @dataclass
@@ -147,6 +182,7 @@ def save_checkpoint(
         "voxel_size": [float(v) for v in metadata.voxel_size],
         "patch_size": [int(v) for v in metadata.patch_size],
         "atlas": dict(metadata.atlas),
+        "inputs": check_inputs(metadata.inputs),
         "training": json.loads(json.dumps(dict(metadata.training), default=str)),
         "package_version": metadata.package_version,
         "dtype": "float16" if half else "float32",
@@ -220,6 +256,7 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
         model_config = ModelConfig.from_dict(payload["model_config"])
         diffusion_config = DiffusionConfig.from_dict(payload["diffusion_config"])
         labels = LabelTable.from_list(payload["labels"])
+        inputs = check_inputs(payload.get("inputs", DEFAULT_INPUTS))
     except (ValueError, TypeError, KeyError) as exc:
         raise CheckpointError(path, f"has an invalid configuration: {exc}") from exc
     if labels.num_classes != model_config.num_classes:
@@ -245,6 +282,7 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
         patch_size=tuple(int(v) for v in payload["patch_size"]),
         atlas=payload["atlas"],
         training=payload["training"],
+        inputs=inputs,
         package_version=str(payload["package_version"]),
         sha256=str(payload["sha256"]),
     )

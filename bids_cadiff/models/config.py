@@ -108,7 +108,8 @@ class DiffusionConfig:
             fractions below say otherwise).
         schedule: ``"linear"`` (DDPM betas 1e-4 to 0.02) or ``"cosine"``.
         sampling_steps: S, DDIM steps at inference (paper: 5).
-        consistency_loss: add L_sac (paper Eqs. 5-7).
+        consistency_loss: add L_sac (paper Eqs. 5-7); it fits the predicted distance field,
+            so it acts in ``collaborative`` mode only (the other modes predict none).
         similarity: Sim_M of L_sac, ``"cosine"`` or ``"dice"``.
         sac_weight: weight of L_sac in L = L_diff + w * L_sac (paper: 1).
         t_m_max_fraction: training only; the fraction of samples whose label timestep t_m is

@@ -28,7 +28,7 @@ from torch import nn
 
 from bids_cadiff.models.config import DiffusionConfig, ModelConfig
 from bids_cadiff.models.denoiser import CADiffDenoiser
-from bids_cadiff.models.losses import DiffusionLoss, consistency_loss
+from bids_cadiff.models.losses import DiffusionLoss, pair_similarities, sac_from_similarities
 from bids_cadiff.models.prior import prior_log_probs
 
 
@@ -107,12 +107,13 @@ class CADiff(nn.Module):
         t_d: torch.Tensor,
         t_m: torch.Tensor,
         offset: torch.Tensor | None,
-    ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """The denoiser, plus the prior's ``offset`` (:meth:`_prior_offset`) when there is one."""
-        d0_hat, logits = self.denoiser(image, d_in, m_t, t_d, t_m)
-        if offset is not None:
-            logits = logits + offset.to(logits.dtype)
-        return d0_hat, logits
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """The denoiser: ``(d0_hat, logits, own)``, ``own`` the network's logits and
+        ``logits`` those plus the prior's ``offset`` (:meth:`_prior_offset`) when there is
+        one."""
+        d0_hat, own = self.denoiser(image, d_in, m_t, t_d, t_m)
+        logits = own + offset.to(own.dtype) if offset is not None else own
+        return d0_hat, logits, own
 
     @property
     def num_classes(self) -> int:
@@ -173,13 +174,16 @@ class CADiff(nn.Module):
         Args:
             image: ``(B, 1, *S)`` normalised image.
             distance: ``(B, 3, *S)`` clean distance field in [0, 1] (``None`` allowed only in
-                ``diffusion`` mode without the consistency loss).
+                ``diffusion`` mode).
             labels: ``(B, 1, *S)`` integer class indices in [0, num_classes).
             generator: optional RNG for timesteps and noise (on the tensors' device).
 
         Returns:
             dict of scalar tensors: ``loss`` (to backpropagate), ``dice_ce``, ``mse`` (when D0
-            is predicted) and ``sac`` (when the consistency loss is on).
+            is predicted) and, when the consistency loss is on and D0 is predicted
+            (``collaborative`` mode: L_sac fits the predicted field, Eq. 5; in the other modes
+            there is nothing for it to train), ``sac`` and, for a batch of two or more, the
+            mean pair similarities ``sim_d`` and ``sim_m`` (logged, not trained).
         """
         batch, device = image.shape[0], image.device
         T = self.diffusion_config.timesteps
@@ -197,17 +201,20 @@ class CADiff(nn.Module):
             t_d = torch.zeros(batch, dtype=torch.long, device=device)
             d_noise = None
         d_t = self._distance_input(distance, t_d, d_noise)
-        d0_hat, logits = self._logits(image, d_t, m_t, t_d, t_m, self._prior_offset(distance))
+        d0_hat, logits, own = self._logits(
+            image, d_t, m_t, t_d, t_m, self._prior_offset(distance)
+        )
         losses = self.loss_fn(d0_hat, distance, logits, labels)
         total = sum(losses.values())
-        if self.diffusion_config.consistency_loss:
-            d_for_sim = d0_hat if d0_hat is not None else distance
-            if d_for_sim is None:
-                raise ValueError("the consistency loss needs a distance field")
-            losses["sac"] = consistency_loss(
-                d_for_sim, logits, self.diffusion_config.similarity
-            )
+        if self.diffusion_config.consistency_loss and d0_hat is not None:
+            # L_sac fits the *predicted* field's Sim_D to Sim_M (Eqs. 5-7): only the
+            # collaborative mode predicts D0; Sim_M from the network's own logits, since the
+            # prior's offset is shared by every patch
+            sim_d, sim_m = pair_similarities(d0_hat, own, self.diffusion_config.similarity)
+            losses["sac"] = sac_from_similarities(sim_d, sim_m)
             total = total + self.diffusion_config.sac_weight * losses["sac"]
+            if batch > 1:
+                losses["sim_d"], losses["sim_m"] = sim_d.detach().mean(), sim_m.mean()
         losses["loss"] = total
         return losses
 
@@ -246,7 +253,7 @@ class CADiff(nn.Module):
         probs = x
         for t, t_next in zip(schedule[:-1], schedule[1:]):
             t_m = torch.full_like(t_d, t)
-            _, logits = self._logits(image, d_in, x, t_d, t_m, offset)
+            _, logits, _ = self._logits(image, d_in, x, t_d, t_m, offset)
             probs = torch.softmax(logits.float(), dim=1)
             x0 = 2.0 * probs - 1.0
             ab, ab_next = self.alpha_bar[t], self.alpha_bar[t_next]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
@@ -13,71 +11,79 @@ from torch import nn
 EPS = 1e-6
 
 
-def distance_similarity(d_i: torch.Tensor, d_j: torch.Tensor) -> torch.Tensor:
-    """Sim_D of Eq. 5: one minus the mean per-voxel RMS shift of two distance fields.
+def pair_similarities(
+    d0_hat: torch.Tensor, logits: torch.Tensor, similarity: str = "cosine"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sim_D (Eq. 5) and Sim_M (Eq. 6, or the Dice variant) of every pair (i, j), i < j, of
+    the batch.
+
+    Sim_M is the target of L_sac, so it is computed without gradient, from the batch's Gram
+    matrix (memory ``O(B² + B C N)``, not per pair). Sim_D keeps its gradient.
 
     Args:
-        d_i, d_j: ``(3, *S)`` predicted distance fields in [0, 1] scale.
+        d0_hat: ``(B, 3, *S)`` predicted distance fields, [0, 1] scale.
+        logits: ``(B, C, *S)`` the network's own label logits (without any prior offset: a
+            shared offset makes unrelated patches look alike).
+        similarity: ``"cosine"`` (paper) or ``"dice"``.
 
     Returns:
-        scalar tensor, 1 for identical fields.
+        ``(sim_d, sim_m)``, each ``(P,)`` with ``P = B (B - 1) / 2`` in the order of
+        ``torch.triu_indices(B, B, 1)``; empty for a single sample. ``sim_m`` is detached.
     """
-    shift = torch.sqrt(((d_i - d_j) ** 2).sum(dim=0) / 3.0 + 1e-12)
-    return 1.0 - shift.mean()
+    if similarity not in ("cosine", "dice"):
+        raise ValueError(f"similarity must be 'cosine' or 'dice', got {similarity!r}")
+    batch = d0_hat.shape[0]
+    i, j = torch.triu_indices(batch, batch, 1, device=d0_hat.device)
+    d = d0_hat.flatten(2)  # (B, 3, N)
+    shift = torch.sqrt(((d[i] - d[j]) ** 2).sum(dim=1) / 3.0 + 1e-12)  # (P, N)
+    sim_d = 1.0 - shift.mean(dim=1)
+    with torch.no_grad():
+        p = logits.detach().flatten(2).float()  # (B, C, N)
+        if similarity == "cosine":
+            unit = p / p.norm(dim=1, keepdim=True).clamp_min(1e-8)
+            gram = torch.einsum("bcn,dcn->bd", unit, unit) / unit.shape[-1]  # mean cosine
+            sim_m = gram[i, j]
+        else:
+            soft = torch.softmax(p, dim=1)
+            sq = (soft * soft).sum(dim=(1, 2))
+            cross = torch.einsum("bcn,dcn->bd", soft, soft)
+            sim_m = 2.0 * cross[i, j] / (sq[i] + sq[j] + 1e-8)
+    return sim_d, sim_m
 
 
-def cosine_label_similarity(p_i: torch.Tensor, p_j: torch.Tensor) -> torch.Tensor:
-    """Sim_M of Eq. 6: mean over voxels of the cosine similarity of the logit vectors.
+def sac_from_similarities(sim_d: torch.Tensor, sim_m: torch.Tensor) -> torch.Tensor:
+    """L_sac of Eq. 7 from :func:`pair_similarities`, averaged over the pairs.
 
-    Args:
-        p_i, p_j: ``(C, *S)`` predicted logits.
+    ``L_sac(i, j) = -Sim_M log Sim_D - (1 - Sim_M) log(1 - Sim_D)``: Sim_D is fitted to Sim_M,
+    the BCE target (no gradient; clamped to [0, 1], a cosine of logits may be negative). Sim_D
+    is clamped into [EPS, 1 - EPS], so the loss stays finite when the fields are identical
+    (Sim_D = 1) or maximally apart (Sim_D <= 0).
 
     Returns:
-        scalar tensor in [-1, 1].
+        scalar tensor; 0 (with the graph of ``sim_d``) when there is no pair.
     """
-    return F.cosine_similarity(p_i, p_j, dim=0, eps=1e-8).mean()
-
-
-def dice_label_similarity(p_i: torch.Tensor, p_j: torch.Tensor) -> torch.Tensor:
-    """Soft Dice of the two softmax maps, the alternative Sim_M of the paper's Table IV.
-
-    Args:
-        p_i, p_j: ``(C, *S)`` predicted logits.
-
-    Returns:
-        scalar tensor in [0, 1].
-    """
-    a, b = torch.softmax(p_i, dim=0), torch.softmax(p_j, dim=0)
-    return 2.0 * (a * b).sum() / ((a * a).sum() + (b * b).sum() + 1e-8)
+    if sim_d.numel() == 0:
+        return sim_d.sum() * 0.0
+    sim_d = sim_d.clamp(EPS, 1.0 - EPS)
+    target = sim_m.detach().clamp(0.0, 1.0)
+    return (-target * torch.log(sim_d) - (1.0 - target) * torch.log(1.0 - sim_d)).mean()
 
 
 def consistency_loss(
     d0_hat: torch.Tensor, logits: torch.Tensor, similarity: str = "cosine"
 ) -> torch.Tensor:
-    """L_sac of Eq. 7, averaged over every pair (i, j), i < j, of the batch.
-
-    ``L_sac(i, j) = -Sim_M log Sim_D - (1 - Sim_M) log(1 - Sim_D)``. Sim_M is the BCE target; it
-    is clamped to [0, 1] (a cosine of logits may be negative). Sim_D is clamped into
-    [EPS, 1 - EPS], so the loss stays finite when the fields are identical (Sim_D = 1) or
-    maximally apart (Sim_D <= 0).
+    """L_sac of Eq. 7, averaged over every pair (i, j), i < j, of the batch
+    (:func:`pair_similarities` then :func:`sac_from_similarities`).
 
     Args:
         d0_hat: ``(B, 3, *S)`` predicted distance fields, [0, 1] scale.
-        logits: ``(B, C, *S)`` predicted label logits.
+        logits: ``(B, C, *S)`` the network's own label logits (no prior offset).
         similarity: ``"cosine"`` (paper) or ``"dice"``.
 
     Returns:
         scalar tensor; 0 when the batch has a single sample.
     """
-    sim_m_fn = cosine_label_similarity if similarity == "cosine" else dice_label_similarity
-    losses = []
-    for i, j in itertools.combinations(range(d0_hat.shape[0]), 2):
-        sim_d = distance_similarity(d0_hat[i], d0_hat[j]).clamp(EPS, 1.0 - EPS)
-        sim_m = sim_m_fn(logits[i], logits[j]).clamp(0.0, 1.0)
-        losses.append(-sim_m * torch.log(sim_d) - (1.0 - sim_m) * torch.log(1.0 - sim_d))
-    if not losses:
-        return d0_hat.sum() * 0.0
-    return torch.stack(losses).mean()
+    return sac_from_similarities(*pair_similarities(d0_hat, logits, similarity))
 
 
 class DiffusionLoss(nn.Module):

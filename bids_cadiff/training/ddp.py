@@ -166,8 +166,11 @@ class LossModule(nn.Module):
 def wrap_model(model: CADiff, ctx: DistributedContext) -> nn.Module:
     """The module to call for losses: :class:`LossModule`, DDP-wrapped when distributed.
 
-    DDP broadcasts rank 0's parameters at construction, so every rank starts from the same
-    weights whatever its own initialisation was.
+    DDP broadcasts rank 0's parameters and buffers at construction, so every rank starts from
+    the same weights whatever its own initialisation was. Buffers are not broadcast again at
+    every step (``broadcast_buffers=False``): the model's only buffers are constants (the
+    noise schedule and the label prior, 14.6 MB in the bundled model) that training never
+    changes, and the network uses GroupNorm, which keeps no running statistics.
     """
     module: nn.Module = LossModule(model)
     if not ctx.distributed:
@@ -176,4 +179,4 @@ def wrap_model(model: CADiff, ctx: DistributedContext) -> nn.Module:
 
     device_ids = [ctx.device.index or 0] if ctx.device.type == "cuda" else None
     # Every parameter takes part in every mode (ablations remove modules, they do not idle them).
-    return DistributedDataParallel(module, device_ids=device_ids)
+    return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)

@@ -73,7 +73,7 @@ LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine", "poly")
 TRAIN_LOG = "train_log.tsv"
 VAL_LOG = "val_log.tsv"
 FINAL_MODEL = "model.pt"
-_LOSS_KEYS = ("loss", "dice_ce", "mse", "sac")
+_LOSS_KEYS = ("loss", "dice_ce", "mse", "sac", "sim_d", "sim_m")
 
 
 @dataclass(frozen=True)
@@ -397,7 +397,8 @@ def validate(
 
 
 class _TsvLog:
-    """Append-only TSV; on resume, rows past the resumed iteration are dropped first."""
+    """Append-only TSV; on resume, rows past the resumed iteration are dropped first (rows of
+    a log with fewer columns are kept, the new columns ``n/a``)."""
 
     def __init__(self, path: Path, columns: Sequence[str], *, keep_until: int | None) -> None:
         self.path, self.columns = path, list(columns)
@@ -406,8 +407,12 @@ class _TsvLog:
             with open(path, newline="") as fh:
                 reader = csv.reader(fh, delimiter="\t")
                 header = next(reader, None)
-                if header == self.columns:
-                    rows = [r for r in reader if r and int(r[0]) <= keep_until]
+                if header and set(header) <= set(self.columns):
+                    # a log written before columns were added keeps its rows ("n/a" there)
+                    rows = [
+                        [dict(zip(header, r)).get(c, "n/a") for c in self.columns]
+                        for r in reader if r and int(r[0]) <= keep_until
+                    ]
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             with open(tmp, "w", newline="") as fh:

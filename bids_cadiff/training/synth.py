@@ -41,45 +41,101 @@ def bias_field(shape: tuple[int, ...], rng: np.random.Generator, strength: float
     return np.exp(field).astype(np.float32)
 
 
-def synthesize(
-    labels: np.ndarray, rng: np.random.Generator, *, skull: bool, t1_like: float = 0.7
-) -> np.ndarray:
-    """A random-contrast image of a label map, in the SynthSeg manner.
+def draw_intensities(
+    values: "np.ndarray | list[int]", rng: np.random.Generator, *, skull: bool,
+    t1_like: float = 0.7,
+) -> dict[int, tuple[float, float]]:
+    """Random Gaussian ``(mean, std)`` per label value, in the SynthSeg manner: T1w-like means
+    with jitter with probability ``t1_like``, else fully random. Background (0), and with
+    ``skull=False`` every non-brain value, get ``(0, 0)``."""
+    t1 = rng.random() < t1_like
+    out: dict[int, tuple[float, float]] = {}
+    for v in sorted(int(x) for x in values):
+        if v == 0 or (not skull and v not in BRAIN_VALUES):
+            out[v] = (0.0, 0.0)
+            continue
+        mean = (
+            float(np.clip(T1_PRIOR.get(v, rng.uniform(0.05, 0.9)) + rng.normal(0, 0.08), 0.02, 1.2))
+            if t1
+            else float(rng.uniform(0.05, 1.0))
+        )
+        out[v] = (mean, float(rng.uniform(0.01, 0.06)))
+    return out
 
-    Random Gaussian intensity per label (T1w-like means with jitter with probability
-    ``t1_like``, else fully random), random bias field, blur, noise, a random resolution loss
-    along one axis, and a random global scale (the model must not depend on the scale).
+
+def mixture_range(
+    counts: "dict[int, int]", intensities: dict[int, tuple[float, float]],
+    rng: np.random.Generator, *, lower: float = 0.5, upper: float = 99.5, draws: int = 20_000,
+) -> tuple[float, float]:
+    """The ``lower``/``upper`` percentiles of the nonzero voxels of a whole synthesised volume,
+    estimated without drawing it: ``draws`` samples of the per-label Gaussians, labels
+    chosen in proportion to their voxel ``counts`` (the app's
+    :func:`~bids_cadiff.imaging.preprocess.normalise_intensity` of the whole volume)."""
+    keys = [v for v in counts if intensities.get(v, (0.0, 0.0))[0] > 0]
+    if not keys:
+        return 0.0, 1.0
+    weights = np.array([counts[v] for v in keys], dtype=np.float64)
+    pick = rng.choice(len(keys), size=draws, p=weights / weights.sum())
+    means = np.array([intensities[v][0] for v in keys])[pick]
+    stds = np.array([intensities[v][1] for v in keys])[pick]
+    samples = np.clip(rng.normal(means, stds), 0, None)
+    samples = samples[samples > 0]
+    lo, hi = np.percentile(samples, [lower, upper]) if samples.size else (0.0, 1.0)
+    return float(lo), float(max(hi, lo + 1e-6))
+
+
+def synthesize(
+    labels: np.ndarray, rng: np.random.Generator, *, skull: bool, t1_like: float = 0.7,
+    counts: "dict[int, int] | None" = None, augment: bool = True,
+) -> np.ndarray:
+    """A random-contrast image of a label map (or a patch of one), in the SynthSeg manner,
+    normalised as the app normalises a whole image.
+
+    Random Gaussian intensity per label (:func:`draw_intensities`), a random bias field, then
+    the percentile normalisation of the *whole* volume the labels come from
+    (:func:`mixture_range` over ``counts``; the patch's own labels when ``counts`` is
+    ``None``), then :func:`augment_intensity` (blur, resolution loss, gamma, noise). No
+    statistic of the patch itself enters the normalisation, as none does in the app.
 
     Args:
         labels: ``(X, Y, Z)`` FreeSurfer label values (extra-cerebral values allowed).
         rng: random generator.
         skull: keep non-brain labels (a head) or zero them (a skull-stripped brain).
+        counts: voxels per label value of the whole map the patch comes from.
+        augment: apply :func:`augment_intensity`.
 
     Returns:
-        ``(X, Y, Z)`` float32, non-negative, arbitrary scale.
+        ``(X, Y, Z)`` float32 in [0, 1].
     """
-    values = np.unique(labels)
-    t1 = rng.random() < t1_like
+    if counts is None:
+        present, n = np.unique(labels, return_counts=True)
+        counts = {int(v): int(c) for v, c in zip(present, n)}
+    values = set(counts) | {int(v) for v in np.unique(labels)}
+    intensities = draw_intensities(sorted(values), rng, skull=skull, t1_like=t1_like)
     out = np.zeros(labels.shape, dtype=np.float32)
-    for v in values:
-        v = int(v)
-        if v == 0 or (not skull and v not in BRAIN_VALUES):
+    for v in np.unique(labels):
+        mean, std = intensities[int(v)]
+        if mean <= 0:
             continue
-        mean = (
-            np.clip(T1_PRIOR.get(v, rng.uniform(0.05, 0.9)) + rng.normal(0, 0.08), 0.02, 1.2)
-            if t1
-            else rng.uniform(0.05, 1.0)
-        )
         mask = labels == v
-        out[mask] = rng.normal(mean, rng.uniform(0.01, 0.06), size=int(mask.sum()))
+        out[mask] = rng.normal(mean, std, size=int(mask.sum()))
     out = np.clip(out, 0, None)
     out *= bias_field(out.shape, rng, rng.uniform(0.0, 0.3))
-    return augment_intensity(out, rng)
+    lo, hi = mixture_range(counts, intensities, rng)
+    out = np.clip((out - lo) / (hi - lo), 0, 1).astype(np.float32)
+    return augment_intensity(out, rng) if augment else out
 
 
 def augment_intensity(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Blur, resolution loss, gamma, noise and global scale of a non-negative image."""
-    out = image.astype(np.float32, copy=True)
+    """Blur, resolution loss, gamma and noise of a normalised image (values in [0, 1]).
+
+    Works in the normalised scale and uses no statistic of the image itself, so a patch is
+    augmented the same way wherever it was cut from (the app normalises whole images).
+
+    Returns:
+        float32 in [0, 1], the shape of ``image``.
+    """
+    out = np.clip(image.astype(np.float32, copy=True), 0, 1)
     if rng.random() < 0.5:
         out = ndimage.gaussian_filter(out, rng.uniform(0.2, 1.0))
     if rng.random() < 0.3:
@@ -91,11 +147,9 @@ def augment_intensity(image: np.ndarray, rng: np.random.Generator) -> np.ndarray
         out = ndimage.zoom(small, [o / s for o, s in zip(out.shape, small.shape)], order=1)
         out = out[tuple(slice(0, s) for s in image.shape)]
         out = np.pad(out, [(0, s - o) for s, o in zip(image.shape, out.shape)], mode="edge")
-    peak = float(np.percentile(out[out > 0], 99)) if (out > 0).any() else 1.0
-    out = np.clip(out / max(peak, 1e-6), 0, None) ** np.exp(rng.normal(0, 0.2))
+    out = np.clip(out, 0, 1) ** np.exp(rng.normal(0, 0.2))
     out = out + rng.normal(0, rng.uniform(0.0, 0.04), size=out.shape).astype(np.float32)
-    out = np.clip(out, 0, None) * rng.uniform(0.5, 3000.0)
-    return out.astype(np.float32)
+    return np.clip(out, 0, 1).astype(np.float32)
 
 
 def smooth_deformation(

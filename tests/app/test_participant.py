@@ -56,6 +56,8 @@ def test_participant_outputs_resume_and_failures(dataset, tiny_model, tmp_path, 
         assert sidecar["Model"]["Name"] == "tiny" and len(sidecar["Model"]["SHA256"]) == 64
         assert sidecar["SamplingSteps"] == 2 and sidecar["RandomSeed"] == 0
         assert sidecar["LabelPrior"] is None  # the tiny model carries none
+        assert sidecar["Refinement"]["Settings"]["iterations"] == 5  # --refine em, the default
+        assert "refinement" in sidecar["StageSeconds"]
         assert sidecar["Registration"]["Value"] > 0.25
         assert (out / rel.replace("_dseg.nii.gz", "_volumes.tsv")).is_file()
     assert (out / "sub-01" / "figures" / "sub-01_desc-cadiff_dseg.png").stat().st_size > 1000
@@ -73,6 +75,16 @@ def test_participant_outputs_resume_and_failures(dataset, tiny_model, tmp_path, 
     assert _run(dataset, tiny_model, out, "--participant-label", "01", "--overwrite") == 0
     assert first.stat().st_mtime_ns != before[0]
     np.testing.assert_array_equal(np.asarray(nib.load(first).dataobj), before[1])
+
+    # --refine none: the plain argmax of the same probabilities, recorded as such
+    assert _run(dataset, tiny_model, out, "--participant-label", "01", "--overwrite",
+                "--refine", "none") == 0
+    plain_sidecar = json.loads(first.with_name(first.name.replace(".nii.gz", ".json")).read_text())
+    assert plain_sidecar["Refinement"] is None and "to_native_grid" in plain_sidecar["StageSeconds"]
+    caplog.clear()
+    assert _run(dataset, tiny_model, out, "--participant-label", "01") == 0
+    assert "made with --refine none" in caplog.text  # kept, but said so
+    assert _run(dataset, tiny_model, out, "--participant-label", "01", "--overwrite") == 0
 
     # a half-finished output (no sidecar) is not taken as finished
     sidecar = first.with_name(first.name.replace(".nii.gz", ".json"))
@@ -122,9 +134,15 @@ def test_app_runs_with_a_checkpoint_from_cadiff_train(phantom_app_inputs, tmp_pa
             nib.save(nib.Nifti1Image(data, aff), root / f"sub-{sub}/anat/sub-{sub}_{name}.nii.gz")
     atlas = phantom_app_inputs["atlas"]
     model_dir = tmp_path / "model"
+    # SyN registration in training: the checkpoint records it and the app does the same
+    # (TINY_ARGS' --registration none would be refused by the app)
     assert train_main([str(bids), str(labels), str(model_dir), "--atlas", str(atlas),
                        "--iterations", "2", "--val-every", "0", *TINY_ARGS,
-                       "--labels", "synthseg32"]) == 0
+                       "--labels", "synthseg32", "--registration", "syn"]) == 0
+    from bids_cadiff.inference.checkpoint import load_checkpoint
+
+    inputs = dict(load_checkpoint(model_dir / "model.pt").metadata.inputs)
+    assert inputs == {"registration": "syn", "slice_axis": 2}
     out = tmp_path / "out"
     assert main([str(bids), str(out), "participant", "--model", str(model_dir / "model.pt"),
                  "--atlas", str(atlas), "-w", str(tmp_path / "work"), "--skip-bids-validation",
@@ -134,3 +152,62 @@ def test_app_runs_with_a_checkpoint_from_cadiff_train(phantom_app_inputs, tmp_pa
     assert seg.shape == t1.shape
     sidecar = json.loads((out / "sub-01/anat/sub-01_desc-cadiff_dseg.json").read_text())
     assert sidecar["Model"]["SHA256"] and sidecar["SamplingSteps"] == 5
+    assert sidecar["Registration"]["Transform"] == "SyN"
+
+
+def test_images_are_registered_as_the_checkpoint_says(phantom_app_inputs, monkeypatch):
+    """inputs.registration of the checkpoint drives the app's registration; a model trained on
+    identity fields ('none') cannot be reproduced by the app and is refused by name."""
+    import bids_cadiff.app.participant as participant
+    from bids_cadiff.errors import UsageError
+    from bids_cadiff.registration.atlas import resolve_atlas
+    from tests.registration.conftest import make_phantom
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_register(grid, atlas, **kwargs):
+        seen.append(kwargs["type_of_transform"])
+        raise Stop
+
+    monkeypatch.setattr(participant, "register_atlas", fake_register)
+    head, _, aff = make_phantom(skull=True)
+    t1 = nib.Nifti1Image(head, aff)
+    atlas = resolve_atlas(phantom_app_inputs["atlas"])
+    common = dict(atlas=atlas, voxel_size=(4.0, 4.0, 4.0),
+                  normalization={"method": "percentile"}, cache_dir=None)
+    for mode, transform in (("syn", "SyN"), ("affine", "Affine")):
+        with pytest.raises(Stop):
+            participant.prepare_image(t1, registration=mode, **common)
+        assert seen[-1] == transform
+    with pytest.raises(UsageError, match="registration 'none'"):
+        participant.prepare_image(t1, registration="none", **common)
+
+
+def test_slices_are_taken_along_the_checkpoints_axis(phantom_app_inputs, monkeypatch):
+    import dataclasses
+
+    import torch
+
+    import bids_cadiff.app.participant as participant
+    from bids_cadiff.inference.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(phantom_app_inputs["model"])
+    loaded = dataclasses.replace(
+        loaded, metadata=dataclasses.replace(loaded.metadata,
+                                             inputs={"registration": "syn", "slice_axis": 1}))
+    seen = {}
+
+    def fake_predict(model, image, distance, **kwargs):
+        seen.update(kwargs)
+        return torch.zeros(4, *image.shape)
+
+    monkeypatch.setattr(participant, "predict_volume", fake_predict)
+    distance = np.zeros((3, 10, 12, 14), np.float32)
+    distance[:, 3:7, 3:9, 4:10] = 0.5
+    prepared = participant.PreparedImage(np.zeros((10, 12, 14), np.float32), distance,
+                                         np.eye(4), None)  # type: ignore[arg-type]
+    participant.segment_prepared(loaded, prepared, steps=1, seed=0, device=torch.device("cpu"))
+    assert seen["slice_axis"] == 1

@@ -31,6 +31,7 @@ def test_positionals_and_defaults(dataset, tmp_path):
     assert opts.participant_labels == [] and opts.session_labels == []
     assert opts.bids_filters is None and opts.work_dir is None
     assert (opts.steps, opts.seed, opts.device, opts.verbosity) == (5, 0, "auto", 0)
+    assert opts.refine == "em"
     assert not opts.overwrite and not opts.skip_bids_validation
 
 
@@ -62,7 +63,9 @@ def test_every_other_option(dataset, tmp_path):
         "-w", str(tmp_path / "work"), "--nprocs", "4", "--omp-nthreads", "2",
         "--model", str(model), "--atlas", str(atlas), "--device", "cpu", "--steps", "3",
         "--seed", "42", "--overwrite", "-vv", "--bids-filter-file", str(filt),
+        "--refine", "none",
     )
+    assert opts.refine == "none"
     assert opts.work_dir == tmp_path / "work"
     assert (opts.nprocs, opts.omp_nthreads) == (4, 2)
     assert opts.model == model and opts.atlas == atlas
@@ -94,6 +97,12 @@ def _usage_error(argv: list[str], capsys) -> str:
     assert len(errors) == 1 and err.splitlines()[-1] == errors[0], err
     assert "Traceback" not in err
     return errors[0]
+
+
+def test_unknown_refinement(dataset, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _parse(dataset, tmp_path, "--refine", "crf")
+    assert exc.value.code == 2 and "--refine" in capsys.readouterr().err
 
 
 def test_unknown_option(dataset, tmp_path, capsys):

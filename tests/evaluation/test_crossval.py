@@ -109,3 +109,39 @@ def test_paired_tables_in_render_and_markdown(tmp_path):
     lines = markdown(scores, methods=["A", "B"], baseline="B").splitlines()
     assert lines[7] == "| A | 2 | 0.600 | +0.000 ± 0.141 | 1 of 2 | +0.000 ± 0.071 | 1 of 2 | 1 |"
     assert lines[9].startswith("| structure |")
+
+
+def _variants_table(rows):
+    """rows: (method, subject, [dice per structure])."""
+    out = []
+    for method, subject, dice in rows:
+        for k, d in enumerate(dice):
+            out.append({"method": method, "subject": subject, "structure": f"S{k}",
+                        "dice": d, "nsd": d})
+    return pd.DataFrame(out)
+
+
+def test_nested_fold_chooses_on_training_subjects_only():
+    from bids_cadiff.evaluation.crossval import SELECTED, nested_fold, select_variant
+
+    scores = _variants_table([
+        # on the training subjects the refinement is better...
+        ("CA-Diff (skull on)", "sub-03", [0.6, 0.6]), ("CA-Diff + em (skull on)", "sub-03", [0.8, 0.8]),
+        ("CA-Diff (skull off)", "sub-03", [0.7, 0.7]), ("CA-Diff + em (skull off)", "sub-03", [0.7, 0.8]),
+        # ...on the test subject it is worse: the choice must not look there
+        ("CA-Diff (skull on)", "sub-01", [0.9, 0.9]), ("CA-Diff + em (skull on)", "sub-01", [0.5, 0.5]),
+        ("Multi-Atlas", "sub-01", [0.7, 0.7]),
+    ])
+    assert select_variant(scores, ["CA-Diff", "CA-Diff + em"], ["sub-03"]) == "CA-Diff + em"
+    assert select_variant(scores, ["CA-Diff", "CA-Diff + em"], ["sub-01"]) == "CA-Diff"
+    kept, chosen = nested_fold(scores, ["CA-Diff", "CA-Diff + em"], ["sub-01"])
+    assert chosen == "CA-Diff + em"
+    assert set(kept["subject"]) == {"sub-01"}
+    assert set(kept["method"]) == {"CA-Diff (skull on)", "CA-Diff + em (skull on)",
+                                   f"{SELECTED} (skull on)"}
+    picked = kept[kept["method"] == f"{SELECTED} (skull on)"]["dice"].tolist()
+    assert picked == [0.5, 0.5]
+    with pytest.raises(ValueError, match="besides"):
+        nested_fold(scores[scores["subject"] == "sub-01"], ["CA-Diff"], ["sub-01"])
+    with pytest.raises(ValueError, match="no scores of 'CA-Diff \\+ tta'"):
+        select_variant(scores, ["CA-Diff + tta"], ["sub-03"])

@@ -176,3 +176,20 @@ def test_foreground_and_skull_stripped_heuristic() -> None:
     assert foreground_mask(brain).sum() == (r_brain <= 1).sum()
     assert looks_skull_stripped(brain, affine)
     assert not looks_skull_stripped(head, affine)
+
+
+def test_bias_field_recovers_a_smooth_multiplicative_field():
+    from bids_cadiff.imaging.preprocess import bias_field
+
+    x = np.linspace(-1, 1, 30)
+    field = np.exp(0.2 * x)[:, None, None] * np.ones((30, 24, 20), np.float32)
+    after = np.zeros((30, 24, 20), np.float32)
+    after[3:-3, 3:-3, 3:-3] = 100.0
+    before = after * field
+    got = bias_field(before, after)
+    inside = after > 0
+    np.testing.assert_allclose(got[inside][:, None], field[inside][:, None], rtol=0.03)
+    assert got[0, 0, 0] == 1.0  # far from any defined voxel
+    with pytest.raises(ValueError, match="shapes"):
+        bias_field(before, after[:-1])
+    np.testing.assert_array_equal(bias_field(after, np.zeros_like(after)), np.ones_like(after))

@@ -152,3 +152,45 @@ def test_label_prior_travels_in_the_checkpoint(tmp_path):
     a = model.eval().sample(image, field, generator=torch.Generator().manual_seed(1))
     b = loaded.model.sample(image, field, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(a, b, atol=2e-2, rtol=0)
+
+
+def test_inputs_travel_in_the_checkpoint(tmp_path):
+    import dataclasses
+
+    path = tmp_path / "m.pt"
+    meta = dataclasses.replace(_meta(), inputs={"registration": "affine", "slice_axis": 1})
+    save_checkpoint(path, _model(), meta)
+    assert read_checkpoint(path)["inputs"] == {"registration": "affine", "slice_axis": 1}
+    assert dict(load_checkpoint(path).metadata.inputs) == {"registration": "affine", "slice_axis": 1}
+
+
+def test_checkpoint_without_inputs_reads_as_syn_axial(tmp_path):
+    # checkpoints written before the key existed (the bundled model among them) were all SyN
+    path = tmp_path / "old.pt"
+    save_checkpoint(path, _model(), _meta())
+    payload = torch.load(path, weights_only=True)
+    del payload["inputs"]
+    from bids_cadiff.inference.checkpoint import _content_hash
+
+    payload["sha256"] = _content_hash(payload)
+    torch.save(payload, path)
+    assert dict(load_checkpoint(path).metadata.inputs) == {"registration": "syn", "slice_axis": 2}
+
+
+@pytest.mark.parametrize("inputs", [{"registration": "rigid"}, {"slice_axis": 3}, {"axis": 0}])
+def test_invalid_inputs_are_refused(tmp_path, inputs):
+    import dataclasses
+
+    with pytest.raises(ValueError, match="inputs|unknown"):
+        save_checkpoint(tmp_path / "m.pt", _model(), dataclasses.replace(_meta(), inputs=inputs))
+    # a file holding such a value (written by hand) is a CheckpointError naming the file
+    path = tmp_path / "ok.pt"
+    save_checkpoint(path, _model(), _meta())
+    payload = torch.load(path, weights_only=True)
+    payload["inputs"] = {**payload["inputs"], **inputs}
+    from bids_cadiff.inference.checkpoint import _content_hash
+
+    payload["sha256"] = _content_hash(payload)
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="ok.pt"):
+        load_checkpoint(path)

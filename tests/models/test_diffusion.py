@@ -66,7 +66,9 @@ def test_each_ablation_trains_a_step_and_samples(mode, diffusion, taca):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = model.training_losses(image, dist, labels)
     assert ("mse" in losses) == (mode == "collaborative")
-    assert ("sac" in losses) == diffusion.get("consistency_loss", True)
+    # L_sac fits the predicted field: only the collaborative mode has one to train
+    trains_sac = diffusion.get("consistency_loss", True) and mode == "collaborative"
+    assert ("sac" in losses) == trains_sac == ("sim_d" in losses) == ("sim_m" in losses)
     before = [p.detach().clone() for p in model.parameters()]
     losses["loss"].backward()
     opt.step()

@@ -7,8 +7,7 @@ from bids_cadiff.models.losses import (
     EPS,
     DiffusionLoss,
     consistency_loss,
-    cosine_label_similarity,
-    distance_similarity,
+    pair_similarities,
 )
 
 
@@ -26,8 +25,9 @@ def test_consistency_loss_matches_hand_computation():
     # voxel 0: (1,0)·(1,1) / (1 * sqrt2); voxel 1: (1,1)·(0,1) / (sqrt2 * 1)
     sim_m = (1 / math.sqrt(2) + 1 / math.sqrt(2)) / 2
     expected = -sim_m * math.log(sim_d) - (1 - sim_m) * math.log(1 - sim_d)
-    assert math.isclose(float(distance_similarity(d[0], d[1])), sim_d, rel_tol=1e-5)
-    assert math.isclose(float(cosine_label_similarity(p[0], p[1])), sim_m, rel_tol=1e-6)
+    got_d, got_m = pair_similarities(d, p)
+    assert math.isclose(float(got_d[0]), sim_d, rel_tol=1e-5)
+    assert math.isclose(float(got_m[0]), sim_m, rel_tol=1e-6)
     assert math.isclose(float(consistency_loss(d, p)), expected, rel_tol=1e-5)
 
 
@@ -45,7 +45,8 @@ def test_consistency_loss_finite_at_similarity_extremes():
     assert torch.isfinite(loss)
     assert math.isclose(float(loss.detach()), -math.log(1 - EPS), abs_tol=1e-4)
     loss.backward()
-    assert torch.isfinite(same.grad).all() and torch.isfinite(logits.grad).all()
+    assert torch.isfinite(same.grad).all()
+    assert logits.grad is None  # Sim_M is the target: no gradient reaches the label branch
 
     far = torch.stack([torch.zeros(3, 4, 4), torch.ones(3, 4, 4) * 5]).requires_grad_()
     opposite = torch.stack([torch.ones(4, 4, 4), -torch.ones(4, 4, 4)])  # Sim_M = -1 -> 0
@@ -90,3 +91,31 @@ def test_batch_dice_is_perfect_for_perfect_prediction():
     perfect = torch.nn.functional.one_hot(labels[:, 0], 3).movedim(-1, 1).float() * 50
     out = DiffusionLoss(batch_dice=True)(None, None, perfect, labels)
     assert float(out["dice_ce"]) < 1e-3
+
+
+def test_pair_similarities_match_each_pair_alone():
+    torch.manual_seed(1)
+    d, p = torch.rand(4, 3, 3, 5), torch.randn(4, 6, 3, 5)
+    sim_d, sim_m = pair_similarities(d, p)
+    pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]
+    assert sim_d.shape == sim_m.shape == (len(pairs),)
+    for k, (i, j) in enumerate(pairs):
+        shift = torch.sqrt(((d[i] - d[j]) ** 2).sum(0) / 3).mean()
+        cos = torch.nn.functional.cosine_similarity(p[i], p[j], dim=0).mean()
+        assert math.isclose(float(sim_d[k]), 1 - float(shift), rel_tol=1e-5)
+        assert math.isclose(float(sim_m[k]), float(cos), rel_tol=1e-5)
+    dice_d, dice_m = pair_similarities(d, p, "dice")
+    torch.testing.assert_close(dice_d, sim_d)
+    assert ((dice_m > 0) & (dice_m <= 1)).all()
+    with pytest.raises(ValueError, match="similarity"):
+        pair_similarities(d, p, "euclid")
+
+
+def test_consistency_loss_fits_sim_d_to_sim_m():
+    # the loss is smallest where Sim_D equals the (fixed) Sim_M target
+    p = torch.stack([torch.tensor([1.0, 0.0]), torch.tensor([0.6, 0.8])])[..., None]  # Sim_M 0.6
+    shifts = torch.linspace(0.05, 0.95, 19)
+    losses = [float(consistency_loss(torch.stack([torch.zeros(3, 1), torch.full((3, 1), float(s))]), p))
+              for s in shifts]
+    best = float(1 - shifts[int(torch.tensor(losses).argmin())])  # Sim_D = 1 - shift
+    assert math.isclose(best, 0.6, abs_tol=0.05)

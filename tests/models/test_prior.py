@@ -110,3 +110,21 @@ def test_prior_config_validated():
     model = CADiff(ModelConfig(num_classes=3, channels=(4, 8)), DiffusionConfig())
     with pytest.raises(ValueError, match="no label prior"):
         model.set_label_prior(torch.ones(3, 8, 8, 8))
+
+
+def test_consistency_similarities_ignore_the_prior_offset():
+    # Sim_M comes from the network's own logits: a prior (the same log P offset for every
+    # patch) changes the label loss but not L_sac, Sim_D or Sim_M
+    model, field, inside = model_with_prior()
+    plain = CADiff(model.model_config, model.diffusion_config)
+    plain.load_state_dict(model.state_dict())
+    torch.nn.init.zeros_(plain.label_prior)  # log 1: no offset
+    image = torch.rand(2, 1, *field.shape[1:])
+    dist = torch.as_tensor(field)[None].repeat(2, 1, 1, 1, 1)
+    dist[1] = dist[1].flip(-1)
+    labels = torch.as_tensor(halves(field, inside, 0))[None, None].repeat(2, 1, 1, 1, 1)
+    with_prior = model.training_losses(image, dist, labels, torch.Generator().manual_seed(2))
+    without = plain.training_losses(image, dist, labels, torch.Generator().manual_seed(2))
+    for key in ("sac", "sim_d", "sim_m"):
+        torch.testing.assert_close(with_prior[key], without[key])
+    assert not torch.allclose(with_prior["dice_ce"], without["dice_ce"])

@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from bids_cadiff.inference.checkpoint import load_checkpoint
-from bids_cadiff.training.ddp import init_distributed, shutdown_distributed
+from bids_cadiff.training.ddp import init_distributed, shutdown_distributed, wrap_model
 from bids_cadiff.training.loop import train
 
 
@@ -28,6 +28,9 @@ def _worker(rank: int, folder: str) -> None:
         result = train(model, _items(), settings=_settings(3, val_every=0), metadata=META,
                        output_dir=Path(folder) / "out", ctx=ctx, progress=False)
         torch.save(result.model.state_dict(), Path(folder) / f"rank{rank}.pt")
+        # the constant buffers (noise schedule, label prior) are not re-sent at every step
+        wrapped = wrap_model(_model(), ctx)
+        (Path(folder) / f"broadcast{rank}.txt").write_text(str(wrapped.broadcast_buffers))
     finally:
         shutdown_distributed(ctx)
 
@@ -38,6 +41,7 @@ def test_two_process_ddp_ranks_agree(tmp_path: Path):
     a = torch.load(tmp_path / "rank0.pt", weights_only=True)
     b = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [(tmp_path / f"broadcast{r}.txt").read_text() for r in (0, 1)] == ["False", "False"]
     loaded = load_checkpoint(tmp_path / "out" / "model.pt")
     assert loaded.metadata.training["iteration"] == 3
     saved = loaded.model.state_dict()
