@@ -5,7 +5,8 @@ Subjects (not images) are split into ``k`` folds (:func:`make_folds`, seeded). F
 subjects (:func:`bids_cadiff.app.train.run_training`, no validation split), read back from its
 ``model.pt`` and run on every held-out image with the app's inference
 (:func:`bids_cadiff.app.participant.segment_prepared` on the cached prepared arrays, 2D models
-slice by slice); the label map is brought onto the reference label map's own grid and scored
+slice by slice); the label map (the plain argmax: the app's ``--refine em`` is not applied, so
+the table compares the networks alone) is brought onto the reference label map's own grid and scored
 with :func:`bids_cadiff.evaluation.metrics.evaluate_pair` (Dice, NSD, HD95 per structure).
 The multi-atlas baseline (:mod:`bids_cadiff.app.multiatlas`) segments each held-out
 image from the fold's training subjects.
