@@ -12,6 +12,7 @@ One image failing is logged with its path and reason; the others go on, and the 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -330,8 +331,6 @@ def process_record(
 def _warn_if_other_refinement(config: RunConfig, record: T1wRecord) -> None:
     """A finished output made with another ``--refine`` is kept, but said so: one
     derivatives folder would otherwise mix refined and unrefined label maps unnoticed."""
-    import json
-
     path = deriv.dseg_sidecar_path(config.output_dir, record.entities)
     try:
         made = json.loads(path.read_text()).get("Refinement")

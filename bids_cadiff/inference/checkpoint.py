@@ -182,7 +182,7 @@ def save_checkpoint(
         "voxel_size": [float(v) for v in metadata.voxel_size],
         "patch_size": [int(v) for v in metadata.patch_size],
         "atlas": dict(metadata.atlas),
-        "inputs": check_inputs(metadata.inputs),
+        "inputs": dict(metadata.inputs),  # completed and checked by ModelMetadata
         "training": json.loads(json.dumps(dict(metadata.training), default=str)),
         "package_version": metadata.package_version,
         "dtype": "float16" if half else "float32",
