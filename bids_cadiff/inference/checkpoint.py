@@ -45,7 +45,7 @@ from bids_cadiff.models.diffusion import CADiff
 FORMAT = "bids_cadiff-checkpoint"
 FORMAT_VERSION = 1
 #: Registration modes a model's distance field can have been made with.
-REGISTRATION_MODES = ("syn", "affine", "none")
+REGISTRATION_MODES: tuple[str, ...] = ("syn", "affine", "none")
 #: ``inputs`` of checkpoints written before the key existed (all SyN, axial slices).
 DEFAULT_INPUTS: Mapping[str, Any] = {"registration": "syn", "slice_axis": 2}
 

@@ -36,7 +36,6 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from bids_cadiff.io.hashing import file_sha256 as _file_sha256
 from bids_cadiff.imaging.preprocess import (
     n4_bias_correct,
     normalise_intensity,
@@ -44,7 +43,9 @@ from bids_cadiff.imaging.preprocess import (
     resample_to_spacing,
     to_ras,
 )
+from bids_cadiff.inference.checkpoint import REGISTRATION_MODES
 from bids_cadiff.io.atomic import atomic_path
+from bids_cadiff.io.hashing import file_sha256 as _file_sha256
 from bids_cadiff.io.nifti import load_label_map, load_t1w
 from bids_cadiff.labels import LabelTable
 from bids_cadiff.registration.atlas import AtlasSpec, atlas_distance_field, file_sha256
@@ -64,8 +65,8 @@ __all__ = [
 
 #: Bumped whenever preparation changes in a way that invalidates cached arrays.
 CACHE_VERSION = "1"
-#: ``syn``: affine + SyN (the app's default); ``affine``: affine only; ``none``: identity.
-REGISTRATION_MODES: tuple[str, ...] = ("syn", "affine", "none")
+# REGISTRATION_MODES (from the checkpoint format, which records the mode): ``syn``: affine +
+# SyN (the app's default); ``affine``: affine only; ``none``: identity.
 
 #: ``prepare_fn(t1, *, atlas, voxel_size, normalization, cache_dir, image_path)`` returning an
 #: object with ``image (X, Y, Z)``, ``distance (3, X, Y, Z)`` and ``affine (4, 4)`` attributes.
