@@ -23,7 +23,8 @@ WORKDIR /opt/bids_cadiff
 
 # 1. System part: Debian's mricron-data (Colin27 at /usr/share/mricron/templates).
 COPY scripts/install.sh scripts/install.sh
-RUN bash scripts/install.sh --system-only \
+# CADIFF_EXTRAS="": the system part leaves out chromium (only the report tests use it).
+RUN CADIFF_EXTRAS="" bash scripts/install.sh --system-only \
     && rm -rf /var/lib/apt/lists/*
 
 # 2. Python part, first pass on the package skeleton only: torch and every pinned dependency

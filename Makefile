@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO ?= demo
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast install clean calibration
 
 install: $(STAMP)
 
@@ -26,6 +26,22 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# The model card's calibration and QC figures (artifacts/calibration/README.md): the three fold
+# models on the seven fstd subjects of ../shared/data, then the temperature and the QC reference.
+# About 90 min on 2 CPU cores; the runs resume (finished subjects are kept in work/calibration).
+ALL_FSTD := sub-01,sub-02,sub-03,sub-04,sub-05,sub-06,sub-07
+calibration: $(STAMP)
+	$(PY) scripts/calibration.py run --subjects $(ALL_FSTD) --out work/calibration/fold1
+	$(PY) scripts/calibration.py run --model artifacts/crossval/fold2/cadiff-fold2.pt --subjects $(ALL_FSTD) --out work/calibration/fold2
+	$(PY) scripts/calibration.py run --model artifacts/crossval/fold3/cadiff-fold3.pt --subjects $(ALL_FSTD) --out work/calibration/fold3
+	$(PY) scripts/calibration.py registration --subjects $(ALL_FSTD) --out artifacts/calibration/registration.tsv
+	$(PY) scripts/calibration.py summarise --registrations artifacts/calibration/registration.tsv \
+	    --fold work/calibration/fold1 sub-01,sub-02 --fold work/calibration/fold2 sub-03,sub-04 \
+	    --fold work/calibration/fold3 sub-05,sub-06,sub-07 --out-dir artifacts/calibration
+	$(PY) scripts/calibration.py store --summary artifacts/calibration/summary.json --fold fold1 --model bids_cadiff/data/cadiff-default.pt
+	$(PY) scripts/build_qc_reference.py maps --out work/qc/maps.tsv
+	$(PY) scripts/build_qc_reference.py build --maps work/qc/maps.tsv --calibration artifacts/calibration/summary.json --fold fold1 --runs work/calibration/fold1
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

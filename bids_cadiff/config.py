@@ -52,6 +52,11 @@ class RunConfig:
         refine: ``"em"``: the model's probabilities, resampled onto the T1w's own grid, are
             refined by the T1w's intensities (:mod:`bids_cadiff.inference.refine`);
             ``"none"``: their plain argmax.
+        samples: CA-Diff samples per image (>= 1); with 2 or more the uncertainty map is the
+            samples' disagreement and the QC table gives each volume's spread.
+        save_probabilities: also write the class probabilities on the T1w's grid (4D probseg).
+        reports: write the HTML reports (participant: ``sub-<label>.html``; group:
+            ``group/desc-cadiff_report.html``).
         overwrite: recompute outputs that already exist instead of skipping them.
         verbosity: number of ``-v`` flags (0: INFO, >= 1: DEBUG).
     """
@@ -72,6 +77,9 @@ class RunConfig:
     steps: int = 5
     seed: int = 0
     refine: Refinement = "em"
+    samples: int = 1
+    save_probabilities: bool = False
+    reports: bool = True
     overwrite: bool = False
     verbosity: int = 0
 
@@ -84,7 +92,7 @@ class RunConfig:
             raise ValueError(f"refine must be one of {REFINEMENTS}, got {self.refine!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
-        for name in ("nprocs", "omp_nthreads", "steps"):
+        for name in ("nprocs", "omp_nthreads", "steps", "samples"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

@@ -211,3 +211,44 @@ def aseg_to_table_values(
     known = np.isin(out, table.values)
     out[~known] = 0
     return out
+
+
+#: FreeSurfer left-hemisphere values and their right-hemisphere counterparts.
+LEFT_TO_RIGHT: dict[int, int] = {
+    2: 41, 3: 42, 4: 43, 5: 44, 7: 46, 8: 47, 10: 49, 11: 50, 12: 51, 13: 52, 17: 53, 18: 54,
+    26: 58, 28: 60,
+}
+
+
+def split_left_codes_at_midline(values: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Label maps whose two hemispheres both carry left codes (older SynthSeg training maps)
+    → right codes on the right side of the mid-sagittal plane.
+
+    The plane is ``x = c`` in world (RAS) coordinates, ``c`` the mean x of the voxels that
+    carry a left code. Voxels with a left code and ``x > c`` get the right code of
+    :data:`LEFT_TO_RIGHT`.
+
+    Args:
+        values: ``(X, Y, Z)`` integer label values.
+        affine: ``(4, 4)`` voxel-to-world matrix.
+
+    Returns:
+        ``(X, Y, Z)`` int32 copy.
+
+    Example:
+        >>> v = np.zeros((4, 1, 1), int); v[:, 0, 0] = [17, 17, 17, 17]
+        >>> split_left_codes_at_midline(v, np.eye(4))[:, 0, 0].tolist()
+        [17, 17, 53, 53]
+    """
+    out = np.asarray(values).astype(np.int32)
+    left = np.isin(out, list(LEFT_TO_RIGHT))
+    if not left.any():
+        return out.copy()
+    idx = np.argwhere(left)
+    world_x = (np.c_[idx, np.ones(len(idx))] @ np.asarray(affine, dtype=np.float64).T)[:, 0]
+    right = world_x > world_x.mean()
+    out = out.copy()
+    lut = np.vectorize(LEFT_TO_RIGHT.get)
+    pos = tuple(idx[right].T)
+    out[pos] = lut(out[pos])
+    return out

@@ -3,8 +3,10 @@
 #
 #   scripts/install.sh [--system-only | --python-only] [PYTHON]
 #
-# System part: Debian's mricron-data (Colin27 atlas at /usr/share/mricron/templates), when
-#   missing and apt-get is usable (root). Otherwise it says what to install.
+# System part: Debian's mricron-data (Colin27 atlas at /usr/share/mricron/templates) and, with
+#   the test extras only (CADIFF_EXTRAS contains "test", the default), Debian's chromium for
+#   the browser tests of the HTML reports; each when missing, in one apt-get run when apt-get is
+#   usable (root). Otherwise it says what to install. CADIFF_EXTRAS="" never gets chromium.
 # Python part: installs the package and its pinned dependencies (constraints.txt) into the
 #   interpreter PYTHON (default: python3 on PATH), with the test extras when CADIFF_EXTRAS is
 #   unset (CADIFF_EXTRAS="" installs the runtime only). TORCH_SPEC overrides the torch
@@ -21,19 +23,47 @@ esac
 python="${1:-python3}"
 extras="${CADIFF_EXTRAS-test}"
 
+wants_test_extras() {
+  case ",${extras// /}," in
+    *,test,*) return 0 ;;
+    *) return 1 ;;
+  esac
+}
+
 install_system() {
+  local missing=()
   if [ -f /usr/share/mricron/templates/ch2.nii.gz ]; then
     echo "install.sh: Colin27 present (/usr/share/mricron/templates/ch2.nii.gz)"
+  else
+    missing+=(mricron-data)
+  fi
+  if wants_test_extras; then
+    if [ -x /usr/bin/chromium ]; then
+      echo "install.sh: chromium present (/usr/bin/chromium)"
+    else
+      missing+=(chromium)
+    fi
+  fi
+  if [ "${#missing[@]}" -eq 0 ]; then
     return
   fi
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends mricron-data >/dev/null
-    echo "install.sh: installed mricron-data (Colin27)"
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    echo "install.sh: installed ${missing[*]}"
   else
-    echo "install.sh: WARNING: Colin27 missing; run 'sudo apt-get install mricron-data'" \
-         "or pass --atlas to bids_cadiff" >&2
+    local pkg
+    for pkg in "${missing[@]}"; do
+      case "$pkg" in
+        mricron-data)
+          echo "install.sh: WARNING: Colin27 missing; run 'sudo apt-get install mricron-data'" \
+               "or pass --atlas to bids_cadiff" >&2 ;;
+        chromium)
+          echo "install.sh: WARNING: chromium missing, the browser tests of the HTML reports" \
+               "will be skipped; run 'sudo apt-get install chromium'" >&2 ;;
+      esac
+    done
   fi
 }
 

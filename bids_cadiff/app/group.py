@@ -8,6 +8,7 @@ Columns: ``participant_id``, then ``session_id``, ``acquisition``, ``reconstruct
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,21 @@ def _read_row(path: Path) -> dict[str, Any]:
     return row
 
 
+def qc_status(output_dir: Path, entities: dict[str, str]) -> str:
+    """``pass``, ``fail (check, ...)`` from the image's dseg sidecar, or ``n/a`` (no sidecar,
+    or one written before QC existed)."""
+    try:
+        qc = json.loads(deriv.dseg_sidecar_path(output_dir, entities).read_text()).get("QC")
+    except (OSError, ValueError):
+        return "n/a"
+    if not isinstance(qc, dict) or "Status" not in qc:
+        return "n/a"
+    if qc["Status"] == "pass":
+        return "pass"
+    checks = dict.fromkeys(str(f.get("Check")) for f in qc.get("Flags", []))
+    return f"{qc['Status']} ({', '.join(checks)})"
+
+
 def collect_volumes(
     output_dir: Path,
     *,
@@ -90,14 +106,18 @@ def collect_volumes(
             "participant level first (bids_cadiff BIDS_DIR OUTPUT_DIR participant)."
         )
     rows = [_read_row(p) for p in selected]
+    for path, row in zip(selected, rows):
+        row[deriv.QC_COLUMN] = qc_status(output_dir, deriv.entities_from_name(path.name))
 
     entity_cols = [c for c in deriv.ENTITY_COLUMNS if any(c in r for r in rows)]
     structure_cols: list[str] = []
     for row in rows:
         for key in row:
-            if key not in deriv.ENTITY_COLUMNS and key != deriv.TOTAL_BRAIN and key not in structure_cols:
+            if key not in (*deriv.ENTITY_COLUMNS, deriv.TOTAL_BRAIN, deriv.QC_COLUMN) and (
+                key not in structure_cols
+            ):
                 structure_cols.append(key)
-    columns = entity_cols + structure_cols + [deriv.TOTAL_BRAIN]
+    columns = entity_cols + structure_cols + [deriv.TOTAL_BRAIN, deriv.QC_COLUMN]
     mismatched = [p for p, r in zip(selected, rows) if set(structure_cols) - set(r)]
     if mismatched:
         logger.warning(
@@ -132,4 +152,13 @@ def run_group(config: RunConfig) -> int:
     tsv, sidecar = deriv.write_group_volumes(output_dir, rows, columns, table)
     deriv.write_bidsignore(output_dir)
     logger.info("group volumes of %d image(s) written to %s (+ %s)", len(rows), tsv, sidecar.name)
+    failed = [r for r in rows if str(r.get(deriv.QC_COLUMN, "")).startswith("fail")]
+    if failed:
+        logger.warning("%d of %d image(s) failed QC (column %r of %s)", len(failed), len(rows),
+                       deriv.QC_COLUMN, tsv.name)
+    if config.reports:
+        from bids_cadiff.reports.html import write_group_report
+
+        report = write_group_report(output_dir)
+        logger.info("group report %s", report)
     return 0

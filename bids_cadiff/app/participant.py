@@ -39,12 +39,12 @@ from bids_cadiff.imaging.preprocess import (
 from bids_cadiff.inference.checkpoint import LoadedModel, load_checkpoint
 from bids_cadiff.inference.predict import predict_volume, resolve_device
 from bids_cadiff.inference.refine import RefineSettings
-from bids_cadiff.inference.resample import (
-    field_to_grid,
-    probabilities_to_grid,
-    refined_labels_on_grid,
-)
+from bids_cadiff.inference.posterior import PROBABILITY_SCALE, GridPosterior
+from bids_cadiff.inference.resample import field_to_grid, posterior_on_grid
 from bids_cadiff.io.nifti import load_t1w
+from bids_cadiff.labels import LabelTable
+from bids_cadiff.qc.flags import QCReference, load_reference, qc_flags
+from bids_cadiff.qc.structures import QC_COLUMNS, structure_rows
 from bids_cadiff.reports.overlay import overlay_png
 from bids_cadiff.registration.ants import Registration, register_atlas, warp_distance_field
 from bids_cadiff.registration.atlas import AtlasSpec, atlas_distance_field, resolve_atlas
@@ -159,6 +159,40 @@ def prepare_image(
                          corrected=data)
 
 
+def corrected_intensity(t1: nib.Nifti1Image, prepared: PreparedImage) -> np.ndarray:
+    """``(X, Y, Z)`` float32 T1w on its own grid, divided by the N4 bias field of ``prepared``
+    (unchanged for an image prepared without N4)."""
+    shape = tuple(int(n) for n in t1.shape[:3])
+    intensity = np.asanyarray(t1.dataobj, dtype=np.float32).reshape(shape)
+    if prepared.bias is not None:
+        bias = field_to_grid(prepared.bias, prepared.affine, shape, t1.affine, fill=1.0)
+        intensity = intensity / np.maximum(bias, 1e-3)
+    return intensity
+
+
+def posterior_on_t1w_grid(
+    t1: nib.Nifti1Image,
+    probs: torch.Tensor,
+    crop_affine: np.ndarray,
+    refine: RefineSettings | None,
+    intensity: np.ndarray | None = None,
+    *,
+    keep_probabilities: bool = False,
+    temperature: float = 1.0,
+) -> GridPosterior:
+    """The final class probabilities on the T1w's own grid (summarised): the model's
+    probabilities resampled trilinearly, or (``refine`` given) the intensity-refined posterior
+    (:mod:`bids_cadiff.inference.refine`) on the T1w's voxels, with ``intensity`` from
+    :func:`corrected_intensity`, at the model's calibration ``temperature``."""
+    shape = tuple(int(n) for n in t1.shape[:3])
+    if refine is not None and intensity is None:
+        raise ValueError("the refinement needs the bias-corrected intensities")
+    return posterior_on_grid(
+        probs, crop_affine, shape, t1.affine, intensity=intensity, settings=refine,
+        keep_probabilities=keep_probabilities, temperature=temperature,
+    )
+
+
 def labels_on_t1w_grid(
     t1: nib.Nifti1Image,
     probs: torch.Tensor,
@@ -166,18 +200,10 @@ def labels_on_t1w_grid(
     prepared: PreparedImage,
     refine: RefineSettings | None,
 ) -> np.ndarray:
-    """Channel indices ``(X, Y, Z)`` on the T1w's own grid from the model's probabilities:
-    their argmax after trilinear resampling, or (``refine`` given) the argmax of the
-    intensity-refined posterior (:mod:`bids_cadiff.inference.refine`) on the T1w's own voxels,
-    bias-corrected with the N4 field of ``prepared``."""
-    shape = tuple(int(n) for n in t1.shape[:3])
-    if refine is None:
-        return probabilities_to_grid(probs, crop_affine, shape, t1.affine)
-    intensity = np.asanyarray(t1.dataobj, dtype=np.float32).reshape(shape)
-    if prepared.bias is not None:  # None: an image prepared without N4 (used as it is)
-        bias = field_to_grid(prepared.bias, prepared.affine, shape, t1.affine, fill=1.0)
-        intensity = intensity / np.maximum(bias, 1e-3)
-    return refined_labels_on_grid(probs, crop_affine, intensity, t1.affine, refine)
+    """Channel indices ``(X, Y, Z)`` on the T1w's own grid: the argmax of
+    :func:`posterior_on_t1w_grid`."""
+    intensity = corrected_intensity(t1, prepared) if refine is not None else None
+    return posterior_on_t1w_grid(t1, probs, crop_affine, refine, intensity).labels
 
 
 def brain_box(distance: np.ndarray, margin: int = CROP_MARGIN) -> tuple[slice, ...]:
@@ -223,6 +249,34 @@ def segment_prepared(
     return probs, prepared.affine @ offset
 
 
+@dataclass
+class Segmentation:
+    """One T1w segmented, on its own grid.
+
+    Attributes:
+        labels: ``(X, Y, Z)`` label values (as the dseg holds them).
+        uncertainty: ``(X, Y, Z)`` float32 in [0, 1]: with one sample, the final posterior's
+            probability that the voxel's label is wrong (1 − its largest class probability);
+            with several, the fraction of samples whose label differs from the final one.
+        soft_counts: label value → sum of its final probability over all voxels.
+        sample_volumes: with several samples, one ``{label value: mm³}`` per sample.
+        probabilities: ``(X, Y, Z, C)`` uint8 final probabilities × 255 (channels in label
+            table order), when asked for.
+        prepared: the image on the model's grid, with its registration.
+        timings: seconds per stage.
+        samples: samples drawn.
+    """
+
+    labels: np.ndarray
+    uncertainty: np.ndarray
+    soft_counts: dict[int, float]
+    sample_volumes: list[dict[int, float]]
+    probabilities: np.ndarray | None
+    prepared: PreparedImage
+    timings: dict[str, float]
+    samples: int = 1
+
+
 def segment_t1w(
     t1: nib.Nifti1Image,
     loaded: LoadedModel,
@@ -235,14 +289,21 @@ def segment_t1w(
     image_path: Path | None = None,
     progress: bool = False,
     refine: RefineSettings | None = None,
-) -> tuple[np.ndarray, PreparedImage, dict[str, float]]:
-    """Segment one T1w: label values ``(X, Y, Z)`` int on the T1w's own grid (``refine``:
-    the intensity refinement's settings, ``None`` for the plain argmax).
+    samples: int = 1,
+    keep_probabilities: bool = False,
+) -> Segmentation:
+    """Segment one T1w (``refine``: the intensity refinement's settings, ``None`` for the
+    plain argmax).
 
-    Returns:
-        ``(label_values, prepared, timings)``.
+    With ``samples`` = N ≥ 2, CA-Diff is sampled N times (seeds ``seed`` … ``seed + N − 1``);
+    the final labels come from the mean of the N model probabilities, and each sample's own
+    labels measure the uncertainty (:class:`Segmentation`). One sample with seed ``seed`` gives
+    the same labels as before sampling was added.
     """
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
     meta = loaded.metadata
+    table = meta.labels
     prepared = prepare_image(
         t1, atlas=atlas, voxel_size=meta.voxel_size, normalization=meta.normalization,
         cache_dir=cache_dir, image_path=image_path,
@@ -250,16 +311,43 @@ def segment_t1w(
     )
     timings = dict(prepared.timings)
     start = time.perf_counter()
-    probs, crop_affine = segment_prepared(
-        loaded, prepared, steps=steps, seed=seed, device=device, progress=progress
-    )
+    draws = []
+    for k in tqdm(range(samples), desc="samples", unit="sample", disable=samples < 2 or not progress):
+        probs, crop_affine = segment_prepared(
+            loaded, prepared, steps=steps, seed=seed + k, device=device, progress=progress
+        )
+        draws.append(probs)
     timings["inference"] = time.perf_counter() - start
     start = time.perf_counter()
-    indices = labels_on_t1w_grid(t1, probs, crop_affine, prepared, refine)
+    intensity = corrected_intensity(t1, prepared) if refine is not None else None
+    mean = draws[0] if samples == 1 else torch.stack(draws).mean(dim=0)
+    final = posterior_on_t1w_grid(t1, mean, crop_affine, refine, intensity,
+                                  keep_probabilities=keep_probabilities,
+                                  temperature=meta.temperature)
     timings["refinement" if refine is not None else "to_native_grid"] = (
         time.perf_counter() - start
     )
-    return meta.labels.index_to_value(indices), prepared, timings
+    voxel_mm3 = float(np.prod(t1.header.get_zooms()[:3]))
+    sample_volumes: list[dict[int, float]] = []
+    if samples == 1:
+        uncertainty = final.uncertainty()
+    else:
+        start = time.perf_counter()
+        disagree = np.zeros(final.labels.shape, dtype=np.uint16)
+        for probs in draws:
+            own = posterior_on_t1w_grid(t1, probs, crop_affine, refine, intensity).labels
+            disagree += own != final.labels
+            counts = np.bincount(own.ravel(), minlength=table.num_classes)
+            sample_volumes.append({e.value: float(c) * voxel_mm3
+                                   for e, c in zip(table.entries, counts)})
+        uncertainty = (disagree / samples).astype(np.float32)
+        timings["sample_labels"] = time.perf_counter() - start
+    soft = {e.value: float(c) for e, c in zip(table.entries, final.soft_counts)}
+    return Segmentation(
+        labels=table.index_to_value(final.labels), uncertainty=uncertainty, soft_counts=soft,
+        sample_volumes=sample_volumes, probabilities=final.probabilities, prepared=prepared,
+        timings=timings, samples=samples,
+    )
 
 
 def _is_finished(output_dir: Path, entities: Mapping[str, str]) -> bool:
@@ -283,21 +371,70 @@ def process_record(
     out = config.output_dir
     t1 = load_t1w(record.path)
     refine = RefineSettings() if config.refine == "em" else None
-    labels, prepared, timings = segment_t1w(
+    result = segment_t1w(
         t1, loaded, atlas=atlas, steps=config.steps, seed=config.seed, device=device,
         cache_dir=config.work_dir / "registration", image_path=record.path,
-        progress=log.isEnabledFor(logging.INFO), refine=refine,
+        progress=log.isEnabledFor(logging.INFO), refine=refine, samples=config.samples,
+        keep_probabilities=config.save_probabilities,
     )
+    timings = result.timings
     write_start = time.perf_counter()
     table = loaded.metadata.labels
-    deriv.save_label_map(deriv.dseg_path(out, entities), labels, t1.affine, t1.header)
+    labels = result.labels
+    dseg = deriv.save_label_map(deriv.dseg_path(out, entities), labels, t1.affine, t1.header)
     voxel_mm3 = float(np.prod(t1.header.get_zooms()[:3]))
     deriv.write_volumes_tsv(
         deriv.volumes_path(out, entities), deriv.compute_volumes(labels, voxel_mm3, table), entities
     )
-    overlay_png(t1, labels, table, deriv.figure_path(out, entities))
+    dseg_uri = f"bids::{dseg.relative_to(out).as_posix()}"
+    measure = _uncertainty_measure(result.samples)
+    unc_path = deriv.save_probability_map(
+        deriv.uncertainty_path(out, entities),
+        np.rint(np.clip(result.uncertainty, 0, 1) * PROBABILITY_SCALE).astype(np.uint8),
+        t1.affine, t1.header,
+    )
+    deriv.write_json(deriv.image_sidecar_path(unc_path), deriv.image_sidecar(
+        "Voxel uncertainty of the CA-Diff label map: " + measure, [record.bids_uri, dseg_uri],
+        Samples=result.samples,
+    ))
+    probseg = deriv.probseg_path(out, entities)
+    if result.probabilities is not None:
+        deriv.save_probability_map(probseg, result.probabilities, t1.affine, t1.header)
+        deriv.write_json(deriv.image_sidecar_path(probseg), deriv.image_sidecar(
+            "Class probabilities of the CA-Diff label map; volume i of the fourth axis is "
+            "row i of desc-cadiff_dseg.tsv (its index column in order; volume 0: background)",
+            [record.bids_uri, dseg_uri], Labels=[e.abbreviation for e in table.entries],
+        ))
+    else:  # a finished rerun without --save-probabilities must not keep a stale map
+        for stale in (probseg, deriv.image_sidecar_path(probseg)):
+            stale.unlink(missing_ok=True)
+    rows = structure_rows(
+        labels, result.uncertainty, table, voxel_mm3, soft_counts=result.soft_counts,
+        sample_volumes=result.sample_volumes,
+    )
+    brain = labels > 0
+    brain_uncertainty = float(result.uncertainty[brain].mean()) if brain.any() else 1.0
+    reg = result.prepared.registration
+    qc = qc_flags(
+        rows, registration_ncc=reg.quality, brain_only=reg.brain_only,
+        brain_uncertainty=brain_uncertainty, reference=qc_reference(table),
+    )
+    deriv.write_qc_table(deriv.qc_table_path(out, entities), rows, QC_COLUMNS)
+    if config.reports:
+        from bids_cadiff.reports.figures import write_figures
+
+        atlas_mask = field_to_grid(
+            result.prepared.distance.any(axis=0).astype(np.float32), result.prepared.affine,
+            tuple(int(n) for n in t1.shape[:3]), t1.affine,
+        ) > 0.5
+        write_figures(out, entities, t1, labels, table, result.uncertainty, atlas_mask)
+    else:
+        overlay_png(t1, labels, table, deriv.figure_path(out, entities))
     timings["writing"] = time.perf_counter() - write_start
-    reg = prepared.registration
+    if qc["Status"] != "pass":
+        log.warning("%s: QC %s: %s", record.relpath, qc["Status"], "; ".join(
+            f"{f['Check']}{' ' + f['Structure'] if f['Structure'] else ''} ({f['Reason']})"
+            for f in qc["Flags"]))
     sidecar = deriv.dseg_sidecar(
         sources=[record.bids_uri],
         model_name=loaded.metadata.name,
@@ -320,12 +457,44 @@ def process_record(
             "ModelVoxelSizeMM": list(loaded.metadata.voxel_size),
             "LabelPrior": _label_prior_description(loaded),
             "Refinement": _refinement_description(refine),
+            "Uncertainty": {
+                "Samples": result.samples,
+                "Measure": measure,
+                "BrainMean": round(brain_uncertainty, 5),
+                "Temperature": loaded.metadata.temperature,
+            },
+            "QC": qc,
             "StageSeconds": {k: round(v, 2) for k, v in timings.items()},
             "GeneratedBy": {"Name": "bids_cadiff", "Version": __version__},
         },
     )
     deriv.write_dseg_sidecar(deriv.dseg_sidecar_path(out, entities), sidecar)
     return timings
+
+
+def _uncertainty_measure(samples: int) -> str:
+    """What the uncertainty map's values are, for its sidecar and the dseg's."""
+    if samples == 1:
+        return ("1 minus the final posterior probability of the voxel's label (the model's "
+                "probability that the label is wrong); one sample")
+    return (f"the fraction of {samples} CA-Diff samples whose label differs from the final "
+            "label (the labels of the mean of the samples' probabilities)")
+
+
+def qc_reference(table: LabelTable) -> QCReference | None:
+    """The bundled QC reference when ``table`` is the one it was built for, else ``None``
+    (then only the ``missing`` check runs)."""
+    try:
+        reference = load_reference()
+    except (OSError, ValueError, KeyError) as exc:
+        log.warning("the bundled QC reference cannot be read (%s): only the 'missing' QC check "
+                    "runs; reinstall bids_cadiff", exc)
+        return None
+    if not reference.fits([e.abbreviation for e in table.entries[1:]]):
+        log.warning("the model's label table is not the one the bundled QC reference was built "
+                    "for: only the 'missing' QC check runs")
+        return None
+    return reference
 
 
 def _warn_if_other_refinement(config: RunConfig, record: T1wRecord) -> None:
@@ -387,6 +556,33 @@ def _worker(record: T1wRecord, config: RunConfig, model_path: Path, atlas: Atlas
                           device=torch.device(device))
 
 
+def _write_error_record(output_dir: Path, record: T1wRecord, reason: str) -> None:
+    """Keep a failed image's reason for the reports (removed when it later succeeds)."""
+    try:
+        deriv.write_json(deriv.error_record_path(output_dir, record.entities), {
+            "Source": str(record.path),
+            "Error": reason,
+            "Time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+    except OSError as exc:
+        log.error("could not record the failure of %s: %s", record.path, exc)
+
+
+def _write_participant_reports(output_dir: Path, records: Sequence[T1wRecord]) -> None:
+    """One HTML report per participant of this run (a report that fails is logged, and the
+    results stay)."""
+    from bids_cadiff.reports.html import write_participant_report
+
+    for subject in sorted({str(r.entities["subject"]) for r in records}):
+        start = time.perf_counter()
+        try:
+            path = write_participant_report(output_dir, subject)
+        except Exception:  # noqa: BLE001 - a report must never lose results
+            log.exception("could not write the report of sub-%s", subject)
+            continue
+        log.info("report %s (%.1f s)", path, time.perf_counter() - start)
+
+
 def run_participant(config: RunConfig) -> int:
     """Segment every selected T1w. Returns 0, or 1 when any image failed.
 
@@ -431,6 +627,14 @@ def run_participant(config: RunConfig) -> int:
     workers = min(workers, len(todo))
 
     def report(record: T1wRecord, outcome: dict[str, float] | BaseException) -> None:
+        count = len(failures)
+        _report(record, outcome)
+        if len(failures) > count:
+            _write_error_record(config.output_dir, record, failures[-1][1])
+        else:
+            deriv.error_record_path(config.output_dir, record.entities).unlink(missing_ok=True)
+
+    def _report(record: T1wRecord, outcome: dict[str, float] | BaseException) -> None:
         if type(outcome).__name__ == "BrokenProcessPool":
             log.error("FAILED %s: a worker process died (out of memory?); rerun with fewer "
                       "--nprocs or more memory: finished images are kept", record.path)
@@ -472,6 +676,8 @@ def run_participant(config: RunConfig) -> int:
             except Exception as exc:  # noqa: BLE001 - one image must not lose the others
                 outcome = exc
             report(record, outcome)
+    if config.reports:
+        _write_participant_reports(config.output_dir, records)
     if failures:
         log.error("%d of %d image(s) failed:", len(failures), len(records))
         for path, reason in failures:

@@ -5,12 +5,18 @@ Layout of ``OUTPUT_DIR`` (a BIDS derivatives dataset)::
     dataset_description.json
     desc-cadiff_dseg.tsv                   label look-up table (applies to every dseg below)
     .bidsignore                            lists the non-BIDS files below
+    sub-<l>.html                           participant report (bidsignored)
+    logs/<source>_desc-cadiff_error.json   why an image failed (bidsignored)
     sub-<l>/[ses-<s>/]anat/
         <source>_desc-cadiff_dseg.nii.gz   label map on the T1w's own grid
-        <source>_desc-cadiff_dseg.json     provenance sidecar
+        <source>_desc-cadiff_dseg.json     provenance sidecar (with Uncertainty and QC)
+        <source>_label-uncertainty_desc-cadiff_probseg.nii.gz (+ .json)  voxel uncertainty
+        <source>_desc-cadiff_probseg.nii.gz (+ .json)   class probabilities (on request)
         <source>_desc-cadiff_volumes.tsv   one row: structure volumes in mm^3 (bidsignored)
-    sub-<l>/figures/<source>_desc-cadiff_dseg.png   QC figure (bidsignored)
+        <source>_desc-cadiff_qc.tsv        per-structure QC table (bidsignored)
+    sub-<l>/figures/<source>_desc-cadiff_<kind>.png   QC figures (bidsignored)
     group/desc-cadiff_volumes.tsv (+ .json)         all volumes, one row per T1w (bidsignored)
+    group/desc-cadiff_report.html                   group report (bidsignored)
 
 ``<source>`` is ``sub-<l>[_ses-<s>][_acq-<a>][_rec-<r>][_run-<n>]``: the source T1w's entities
 in BIDS order. Every writer is atomic (:mod:`bids_cadiff.io.atomic`).
@@ -75,10 +81,13 @@ BIDS_COMMON_LABELS: dict[str, int] = {
 
 #: Name of the whole-brain column in volume tables.
 TOTAL_BRAIN = "TotalBrain"
+#: Name of the QC status column of the group table.
+QC_COLUMN = "qc"
 #: Files and folders the BIDS validator does not know; written to ``.bidsignore``.
 BIDSIGNORE_PATTERNS: tuple[str, ...] = (
     f"*_desc-{DESC}_volumes.tsv",
     f"*_desc-{DESC}_volumes.json",
+    f"*_desc-{DESC}_qc.tsv",
     # No trailing slash: bids-validator-deno reports an ignored "dir/" directory itself.
     "sub-*/figures",
     "/group",
@@ -177,18 +186,125 @@ def volumes_path(output_dir: str | Path, entities: Mapping[str, Any]) -> Path:
     return _anat_dir(output_dir, entities) / f"{source_prefix(entities)}_desc-{DESC}_volumes.tsv"
 
 
-def figure_path(output_dir: str | Path, entities: Mapping[str, Any]) -> Path:
+#: Kinds of per-image QC figure under ``sub-<l>/figures/`` (:func:`figure_path`).
+FIGURE_KINDS: tuple[str, ...] = ("dseg", "contours", "uncertainty", "registration")
+
+
+def figure_path(output_dir: str | Path, entities: Mapping[str, Any], kind: str = "dseg") -> Path:
     """QC figure, fmriprep style under ``sub-<l>/figures/`` (bidsignored).
+
+    ``kind`` is one of :data:`FIGURE_KINDS`: ``dseg`` (label overlay), ``contours`` (label
+    outlines), ``uncertainty`` (voxel uncertainty over the T1w), ``registration`` (the
+    warped atlas's brain outline over the T1w).
 
     Example:
         >>> figure_path("/out", {"subject": "01", "session": "2", "run": "1"}).as_posix()
         '/out/sub-01/figures/sub-01_ses-2_run-1_desc-cadiff_dseg.png'
+        >>> figure_path("/out", {"subject": "01"}, "uncertainty").name
+        'sub-01_desc-cadiff_uncertainty.png'
     """
+    if kind not in FIGURE_KINDS:
+        raise ValueError(f"figure kind must be one of {FIGURE_KINDS}, got {kind!r}")
     subject = _label(entities, "subject")
     return (
         Path(output_dir) / f"sub-{subject}" / "figures"
-        / f"{source_prefix(entities)}_desc-{DESC}_dseg.png"
+        / f"{source_prefix(entities)}_desc-{DESC}_{kind}.png"
     )
+
+
+def uncertainty_path(output_dir: str | Path, entities: Mapping[str, Any]) -> Path:
+    """Voxel uncertainty map on the T1w's own grid: the probability that the voxel's label is
+    wrong (a ``probseg`` of the label "uncertainty").
+
+    Example:
+        >>> uncertainty_path("/out", {"subject": "01"}).as_posix()
+        '/out/sub-01/anat/sub-01_label-uncertainty_desc-cadiff_probseg.nii.gz'
+    """
+    return (
+        _anat_dir(output_dir, entities)
+        / f"{source_prefix(entities)}_label-uncertainty_desc-{DESC}_probseg.nii.gz"
+    )
+
+
+def probseg_path(output_dir: str | Path, entities: Mapping[str, Any]) -> Path:
+    """Class probabilities on the T1w's own grid (``--save-probabilities``): 4D, the fourth
+    axis indexed like the ``index`` column of ``desc-cadiff_dseg.tsv``.
+
+    Example:
+        >>> probseg_path("/out", {"subject": "01", "run": "2"}).as_posix()
+        '/out/sub-01/anat/sub-01_run-2_desc-cadiff_probseg.nii.gz'
+    """
+    return _anat_dir(output_dir, entities) / f"{source_prefix(entities)}_desc-{DESC}_probseg.nii.gz"
+
+
+def image_sidecar_path(image_path: str | Path) -> Path:
+    """The JSON sidecar beside a ``.nii.gz`` output.
+
+    Example:
+        >>> image_sidecar_path("/out/sub-01/anat/sub-01_desc-cadiff_probseg.nii.gz").name
+        'sub-01_desc-cadiff_probseg.json'
+    """
+    path = Path(image_path)
+    return path.with_name(path.name.split(".")[0] + ".json")
+
+
+def qc_table_path(output_dir: str | Path, entities: Mapping[str, Any]) -> Path:
+    """Per-structure QC table of one T1w (long format, bidsignored).
+
+    Example:
+        >>> qc_table_path("/out", {"subject": "01", "session": "2"}).as_posix()
+        '/out/sub-01/ses-2/anat/sub-01_ses-2_desc-cadiff_qc.tsv'
+    """
+    return _anat_dir(output_dir, entities) / f"{source_prefix(entities)}_desc-{DESC}_qc.tsv"
+
+
+def error_record_path(output_dir: str | Path, entities: Mapping[str, Any]) -> Path:
+    """Record of a T1w that failed (JSON: ``Source``, ``Error``, ``Time``), under ``logs/``;
+    removed when the image later succeeds.
+
+    Example:
+        >>> error_record_path("/out", {"subject": "01", "run": "1"}).as_posix()
+        '/out/logs/sub-01_run-1_desc-cadiff_error.json'
+    """
+    return Path(output_dir) / "logs" / f"{source_prefix(entities)}_desc-{DESC}_error.json"
+
+
+def participant_report_path(output_dir: str | Path, subject: str) -> Path:
+    """HTML report of one participant at the output root, as fMRIPrep's.
+
+    Example:
+        >>> participant_report_path("/out", "01").as_posix()
+        '/out/sub-01.html'
+    """
+    return Path(output_dir) / f"sub-{_label({'subject': subject}, 'subject')}.html"
+
+
+def group_report_path(output_dir: str | Path) -> Path:
+    """HTML report of the group level.
+
+    Example:
+        >>> group_report_path("/out").as_posix()
+        '/out/group/desc-cadiff_report.html'
+    """
+    return Path(output_dir) / "group" / f"desc-{DESC}_report.html"
+
+
+def find_dseg_sidecars(output_dir: str | Path, subject: str | None = None) -> list[Path]:
+    """Sidecars of finished label maps (of one subject, or all), sorted."""
+    root = Path(output_dir)
+    pattern = f"sub-{subject}/**/anat/*_desc-{DESC}_dseg.json" if subject else (
+        f"sub-*/**/anat/*_desc-{DESC}_dseg.json"
+    )
+    return sorted(p for p in root.glob(pattern) if p.is_file())
+
+
+def find_error_records(output_dir: str | Path, subject: str | None = None) -> list[Path]:
+    """Error records of failed T1w images (of one subject, or all), sorted."""
+    logs = Path(output_dir) / "logs"
+    found = sorted(p for p in logs.glob(f"sub-*_desc-{DESC}_error.json") if p.is_file())
+    if subject is None:
+        return found
+    return [p for p in found if entities_from_name(p.name).get("subject") == subject]
 
 
 def group_volumes_path(output_dir: str | Path) -> Path:
@@ -494,10 +610,19 @@ def save_label_map(path: str | Path, data: np.ndarray, affine: np.ndarray, heade
         dtype = np.int16
     else:
         raise ValueError(f"label values {lo}..{hi} do not fit int16")
+    img = _image_like(data.astype(dtype), affine, header)
+    img.header.set_slope_inter(1.0, 0.0)
+    img.header.set_intent("label", name="dseg")
+    return _save_image(path, img)
+
+
+def _image_like(data: np.ndarray, affine: np.ndarray, header: Any) -> Any:
+    """A NIfTI image of ``data`` with the source header's qform/sform codes and units."""
+    import nibabel as nib
+
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4):
         raise ValueError(f"affine must be 4x4, got shape {affine.shape}")
-
     new_header = nib.Nifti1Header()
     qcode, scode = 1, 1
     new_header.set_xyzt_units("mm", "sec")
@@ -512,17 +637,51 @@ def save_label_map(path: str | Path, data: np.ndarray, affine: np.ndarray, heade
             logger.debug("header has no NIfTI qform/sform codes; using scanner (1)")
         if qcode == 0 and scode == 0:
             qcode = scode = 1
-    img = nib.Nifti1Image(data.astype(dtype), affine, new_header)
+    img = nib.Nifti1Image(data, affine, new_header)
     img.set_qform(affine, code=qcode)
     img.set_sform(affine, code=scode)
-    img.header.set_data_dtype(dtype)
-    img.header.set_slope_inter(1.0, 0.0)
-    img.header.set_intent("label", name="dseg")
+    img.header.set_data_dtype(data.dtype)
+    return img
+
+
+def _save_image(path: str | Path, img: Any) -> Path:
+    import nibabel as nib
 
     path = Path(path)
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
     return path
+
+
+def save_probability_map(
+    path: str | Path, data: np.ndarray, affine: np.ndarray, header: Any = None,
+    *, scale: int = 255,
+) -> Path:
+    """Save probabilities stored as ``uint8`` (``round(p × scale)``) as NIfTI, atomically;
+    the header's slope ``1 / scale`` makes readers see probabilities in [0, 1].
+
+    Args:
+        path: destination, e.g. :func:`uncertainty_path` or :func:`probseg_path`.
+        data: ``(X, Y, Z)`` or ``(X, Y, Z, C)`` uint8.
+        affine, header: as :func:`save_label_map`.
+    """
+    data = np.asarray(data)
+    if data.dtype != np.uint8 or data.ndim not in (3, 4):
+        raise ValueError(f"probabilities must be uint8 (X, Y, Z[, C]), got {data.dtype} {data.shape}")
+    img = _image_like(data, affine, header)
+    img.header.set_slope_inter(1.0 / scale, 0.0)
+    return _save_image(path, img)
+
+
+def image_sidecar(description: str, sources: Sequence[str], **fields: Any) -> dict[str, Any]:
+    """A small JSON sidecar of a derived image: ``Description``, ``Sources`` (BIDS URIs), then
+    ``fields``."""
+    return {"Description": description, "Sources": list(sources), **fields}
+
+
+def write_json(path: str | Path, data: Mapping[str, Any]) -> Path:
+    """Write JSON atomically."""
+    return atomic_write(path, _json_text(data))
 
 
 # --------------------------------------------------------------------------- volumes
@@ -591,6 +750,25 @@ def volumes_tsv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] |
     for row in rows:
         writer.writerow([_fmt(row.get(c)) for c in columns])
     return buf.getvalue()
+
+
+def write_qc_table(path: str | Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> Path:
+    """Write a per-structure QC table (:mod:`bids_cadiff.qc.structures`), atomically: floats
+    with 6 significant digits, lists (``flags``) comma-joined, missing values ``n/a``."""
+
+    def fmt(value: Any) -> str:
+        if isinstance(value, (list, tuple)):
+            return ",".join(str(v) for v in value) if value else "n/a"
+        if isinstance(value, (float, np.floating)) and np.isfinite(value):
+            return f"{float(value):.6g}"
+        return _fmt(value)
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, delimiter="\t", lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([fmt(row.get(c)) for c in columns])
+    return atomic_write(path, buf.getvalue())
 
 
 def write_volumes_tsv(
@@ -672,6 +850,11 @@ def volumes_data_dictionary(columns: Sequence[str], table: LabelTable) -> dict[s
                 "Description": "Total brain volume: sum of all labelled structures except "
                 "background and cerebrospinal fluid (ventricles, CSF), as FreeSurfer BrainSeg.",
                 "Units": "mm^3",
+            }
+        elif col == QC_COLUMN:
+            out[col] = {
+                "Description": "QC status of the image (its dseg sidecar's QC entry): pass, or "
+                "fail with the failed checks in parentheses; n/a for outputs without QC.",
             }
         elif col in by_abbrev:
             entry = by_abbrev[col]

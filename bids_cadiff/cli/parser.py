@@ -278,8 +278,29 @@ def build_parser() -> argparse.ArgumentParser:
         "intensities (per-structure Gaussian intensity models fitted by EM, the model's "
         "probabilities as the spatial prior); none: their plain argmax",
     )
+    model.add_argument(
+        "--samples",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="CA-Diff samples per image (default 1). With N >= 2 the labels come from the mean "
+        "of N samples, the uncertainty map is the fraction of samples that disagree with the "
+        "final label, and the QC table gives each volume's spread; each sample costs one more "
+        "inference and refinement (docs/performance.md)",
+    )
+    model.add_argument(
+        "--save-probabilities",
+        action="store_true",
+        help="also write every structure's probability on the T1w's grid "
+        "(<source>_desc-cadiff_probseg.nii.gz, 4D, volumes in desc-cadiff_dseg.tsv order)",
+    )
 
     other = parser.add_argument_group("other")
+    other.add_argument(
+        "--no-reports",
+        action="store_true",
+        help="do not write the HTML reports (sub-<label>.html; group/desc-cadiff_report.html)",
+    )
     other.add_argument(
         "--overwrite",
         action="store_true",
@@ -385,6 +406,9 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
         steps=opts.steps,
         seed=opts.seed,
         refine=opts.refine,
+        samples=opts.samples,
+        save_probabilities=opts.save_probabilities,
+        reports=not opts.no_reports,
         overwrite=opts.overwrite,
         verbosity=opts.verbosity,
     )

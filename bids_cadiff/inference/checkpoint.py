@@ -101,6 +101,9 @@ class ModelMetadata:
         training: free-form provenance (JSON-able).
         inputs: how the model's inputs were made (:data:`DEFAULT_INPUTS`): the app makes
             them the same way.
+        calibration: ``{"temperature": T, "chosen_on": how}``: the app's final probabilities
+            are ∝ p^(1/T) (argmax unchanged; confidences, soft volumes and probability maps
+            calibrated). Empty: T = 1.
         package_version: bids_cadiff version that wrote the file.
         sha256: content hash (filled in by :func:`save_checkpoint` / :func:`load_checkpoint`).
     """
@@ -113,12 +116,21 @@ class ModelMetadata:
     atlas: Mapping[str, Any] = field(default_factory=dict)
     training: Mapping[str, Any] = field(default_factory=dict)
     inputs: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_INPUTS))
+    calibration: Mapping[str, Any] = field(default_factory=dict)
     package_version: str = __version__
     sha256: str = ""
 
     def __post_init__(self) -> None:
         # complete and check ``inputs`` (defaults for missing keys; ValueError otherwise)
         object.__setattr__(self, "inputs", check_inputs(self.inputs))
+        temperature = self.calibration.get("temperature", 1.0)
+        if not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"calibration temperature must be > 0, got {temperature!r}")
+
+    @property
+    def temperature(self) -> float:
+        """The probability temperature of :attr:`calibration` (1: none)."""
+        return float(self.calibration.get("temperature", 1.0))
 
 
 @dataclass
@@ -188,6 +200,8 @@ def save_checkpoint(
         "dtype": "float16" if half else "float32",
         "state_dict": state,
     }
+    if metadata.calibration:  # absent from uncalibrated files, whose hashes stay as they were
+        payload["calibration"] = dict(metadata.calibration)
     if extra:
         payload["extra"] = dict(extra)
     payload["sha256"] = _content_hash(payload)
@@ -257,6 +271,7 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
         diffusion_config = DiffusionConfig.from_dict(payload["diffusion_config"])
         labels = LabelTable.from_list(payload["labels"])
         inputs = check_inputs(payload.get("inputs", DEFAULT_INPUTS))
+        calibration = dict(payload.get("calibration", {}))
     except (ValueError, TypeError, KeyError) as exc:
         raise CheckpointError(path, f"has an invalid configuration: {exc}") from exc
     if labels.num_classes != model_config.num_classes:
@@ -283,7 +298,29 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
         atlas=payload["atlas"],
         training=payload["training"],
         inputs=inputs,
+        calibration=calibration,
         package_version=str(payload["package_version"]),
         sha256=str(payload["sha256"]),
     )
     return LoadedModel(model=model, metadata=metadata, path=path)
+
+
+def store_calibration(
+    source: str | Path, destination: str | Path, calibration: Mapping[str, Any]
+) -> str:
+    """Copy a checkpoint with its ``calibration`` set (weights and everything else unchanged;
+    the content hash is recomputed). Returns the new hash.
+
+    Raises:
+        CheckpointError: ``source`` is not a valid checkpoint.
+        ValueError: a temperature that is not > 0.
+    """
+    payload = read_checkpoint(source)
+    temperature = calibration.get("temperature", 1.0)
+    if not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"calibration temperature must be > 0, got {temperature!r}")
+    payload["calibration"] = json.loads(json.dumps(dict(calibration)))
+    payload["sha256"] = _content_hash(payload)
+    with atomic_path(Path(destination)) as tmp:
+        torch.save(payload, tmp)
+    return str(payload["sha256"])

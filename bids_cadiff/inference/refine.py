@@ -27,7 +27,7 @@ from typing import Iterator
 
 import numpy as np
 
-__all__ = ["RefineSettings", "refine_labels", "refine_posterior"]
+__all__ = ["RefineSettings", "refine_posterior", "refine_posterior_chunks"]
 
 
 @dataclass(frozen=True)
@@ -221,6 +221,32 @@ def _posterior_chunks(
         yield cols, _posterior(log_prior(p), _loglik(x_all[cols], model)) * mass
 
 
+def refine_posterior_chunks(
+    prior: np.ndarray,
+    intensity: np.ndarray,
+    settings: RefineSettings = RefineSettings(),
+    *,
+    max_fit_voxels: int = 400_000,
+    chunk: int = 262_144,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """:func:`refine_posterior` ``chunk`` columns at a time, without holding all of it.
+
+    Yields:
+        ``(columns, posterior)``: column indices ``(n,)`` and their ``(C, n)`` float32
+        posterior. Every column is yielded exactly once: active ones refined, the others (a
+        background prior of at least ``settings.active_threshold``) as their prior.
+    """
+    prior, x = _check(prior, intensity)
+    refined = np.zeros(prior.shape[1], dtype=bool)
+    for cols, post in _posterior_chunks(prior, x, settings, max_fit_voxels, chunk):
+        refined[cols] = True
+        yield cols, post
+    rest = np.flatnonzero(~refined)
+    for start in range(0, rest.size, chunk):
+        cols = rest[start : start + chunk]
+        yield cols, _as_float32(prior[:, cols])
+
+
 def refine_posterior(
     prior: np.ndarray,
     intensity: np.ndarray,
@@ -249,30 +275,9 @@ def refine_posterior(
     Raises:
         ValueError: shapes that do not match, or fewer than two classes.
     """
-    prior, x = _check(prior, intensity)
-    out = prior.astype(np.float32, copy=True)
-    for cols, post in _posterior_chunks(prior, x, settings, max_fit_voxels, chunk):
+    out = np.empty(np.shape(prior), dtype=np.float32)
+    for cols, post in refine_posterior_chunks(
+        prior, intensity, settings, max_fit_voxels=max_fit_voxels, chunk=chunk
+    ):
         out[:, cols] = post
     return out
-
-
-def refine_labels(
-    prior: np.ndarray,
-    intensity: np.ndarray,
-    settings: RefineSettings = RefineSettings(),
-    *,
-    max_fit_voxels: int = 400_000,
-    chunk: int = 262_144,
-) -> np.ndarray:
-    """The argmax of :func:`refine_posterior` without holding the whole posterior.
-
-    Returns:
-        ``(N,)`` int16 class indices.
-    """
-    prior, x = _check(prior, intensity)
-    labels = np.empty(prior.shape[1], dtype=np.int16)
-    for start in range(0, prior.shape[1], chunk):  # the prior's argmax where nothing changes
-        labels[start : start + chunk] = _as_float32(prior[:, start : start + chunk]).argmax(axis=0)
-    for cols, post in _posterior_chunks(prior, x, settings, max_fit_voxels, chunk):
-        labels[cols] = post.argmax(axis=0)
-    return labels

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bids_cadiff.inference.refine import RefineSettings, refine_labels
+from bids_cadiff.inference.posterior import GridPosterior, temper
+from bids_cadiff.inference.refine import RefineSettings, refine_posterior_chunks
 
 
 def source_box(
@@ -104,12 +105,7 @@ def probabilities_to_grid(
     Returns:
         ``(X', Y', Z')`` int16 channel indices; 0 (background) outside the source grid.
     """
-    out = np.zeros(dst_shape, dtype=np.int16)
-    for (bx, by, kk), sampled in _resampled_slabs(probs, src_affine, dst_shape, dst_affine, slab):
-        labels = sampled.argmax(dim=0)
-        inside = sampled.sum(dim=0) > 0.5
-        out[bx, by, kk] = torch.where(inside, labels, 0).numpy().astype(np.int16)
-    return out
+    return posterior_on_grid(probs, src_affine, dst_shape, dst_affine, slab=slab).labels
 
 
 def field_to_grid(
@@ -163,21 +159,65 @@ def refined_labels_on_grid(
         ``(X', Y', Z')`` int16 channel indices; 0 (background) outside the source grid.
     """
     dst_shape = tuple(int(n) for n in intensity.shape)
-    out = np.zeros(dst_shape, dtype=np.int16)
+    return posterior_on_grid(
+        probs, src_affine, dst_shape, dst_affine, intensity=intensity, settings=settings, slab=slab
+    ).labels
+
+
+def posterior_on_grid(
+    probs: torch.Tensor,
+    src_affine: np.ndarray,
+    dst_shape: tuple[int, int, int],
+    dst_affine: np.ndarray,
+    *,
+    intensity: np.ndarray | None = None,
+    settings: RefineSettings | None = None,
+    keep_probabilities: bool = False,
+    temperature: float = 1.0,
+    slab: int = 8,
+) -> GridPosterior:
+    """The final class probabilities on another grid, summarised (:class:`GridPosterior`).
+
+    Without ``settings``: the trilinearly resampled probabilities (whose argmax is
+    :func:`probabilities_to_grid`). With ``settings`` and ``intensity``: the refined posterior
+    (whose argmax is :func:`refined_labels_on_grid`).
+
+    Args:
+        probs: ``(C, X, Y, Z)`` probabilities on the grid ``src_affine``.
+        src_affine, dst_affine: ``(4, 4)`` voxel-to-world matrices.
+        dst_shape: ``(X', Y', Z')`` of the destination grid.
+        intensity: ``(X', Y', Z')`` bias-corrected image (needed with ``settings``).
+        settings: the refinement's settings, or ``None``.
+        keep_probabilities: keep the ``(X', Y', Z', C)`` probabilities (uint8).
+        temperature: the final probabilities are ∝ p^(1/temperature)
+            (:func:`~bids_cadiff.inference.posterior.temper`; the model's calibration).
+        slab: destination slices per resampling step.
+    """
+    if settings is not None and intensity is None:
+        raise ValueError("the refinement needs the image's intensities")
+    out = GridPosterior.empty(dst_shape, int(probs.shape[0]), keep_probabilities=keep_probabilities)
     columns, where = [], []
     for (bx, by, kk), sampled in _resampled_slabs(probs, src_affine, dst_shape, dst_affine, slab):
-        inside = sampled.sum(dim=0) > 0.5
-        active = inside & (sampled[0] < settings.active_threshold)
-        if bool(active.any()):
-            x, y, k = np.nonzero(active.numpy())
-            # half the memory; torch converts to float16 many times faster than numpy
-            columns.append(sampled[:, active].half().numpy())
-            where.append(np.ravel_multi_index((x + bx.start, y + by.start, kk[k]), dst_shape))
-    if not columns:
-        return out
-    prior = np.concatenate(columns, axis=1)
-    index = np.concatenate(where)
-    del columns
-    values = np.asarray(intensity, dtype=np.float32).ravel()[index]
-    out.ravel()[index] = refine_labels(prior, values, settings)
+        inside = (sampled.sum(dim=0) > 0.5).numpy()
+        active = np.zeros_like(inside) if settings is None else inside & (
+            sampled[0].numpy() < settings.active_threshold
+        )
+        for mask, refine in ((inside & ~active, False), (active, True)):
+            if not mask.any():
+                continue
+            x, y, k = np.nonzero(mask)
+            index = np.ravel_multi_index((x + bx.start, y + by.start, kk[k]), dst_shape)
+            if refine:
+                columns.append(sampled[:, torch.from_numpy(mask)].half().numpy())
+                where.append(index)
+            else:
+                out.add(index, temper(sampled[:, torch.from_numpy(mask)].numpy(), temperature))
+    if columns:
+        assert settings is not None and intensity is not None
+        prior = np.concatenate(columns, axis=1)
+        index = np.concatenate(where)
+        del columns
+        values = np.asarray(intensity, dtype=np.float32).ravel()[index]
+        for cols, post in refine_posterior_chunks(prior, values, settings):
+            out.add(index[cols], temper(post, temperature))
     return out

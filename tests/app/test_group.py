@@ -35,17 +35,34 @@ def test_aggregates_with_only_present_entity_columns(tmp_path):
     lines = d.group_volumes_path(out).read_text().splitlines()
     header = lines[0].split("\t")
     assert header[:3] == ["participant_id", "session_id", "run"]
-    assert "acquisition" not in header and header[-1] == "TotalBrain"
-    assert header[3:-1] == [e.abbreviation for e in SYNTHSEG32.entries[1:]]
+    assert "acquisition" not in header and header[-2:] == ["TotalBrain", "qc"]
+    assert header[3:-2] == [e.abbreviation for e in SYNTHSEG32.entries[1:]]
     rows = [dict(zip(header, ln.split("\t"))) for ln in lines[1:]]
     assert [(r["participant_id"], r["session_id"], r["run"]) for r in rows] == [
         ("sub-01", "ses-1", "2"), ("sub-01", "ses-2", "n/a"), ("sub-02", "ses-1", "n/a")]
     assert rows[0]["L-HI"] == "110.000" and rows[1]["TotalBrain"] == "330.000"
+    assert {r["qc"] for r in rows} == {"n/a"}  # no sidecar with a QC entry
     sidecar = json.loads(d.group_volumes_sidecar_path(out).read_text())
     assert set(sidecar) == set(header)
     assert sidecar["L-HI"]["Units"] == "mm^3" and "Left-Hippocampus" in sidecar["L-HI"]["Description"]
     assert sidecar["TotalBrain"]["Units"] == "mm^3"
     assert all("Description" in v for v in sidecar.values())
+    assert d.group_report_path(out).is_file()  # reports are on by default
+
+
+def test_qc_column_comes_from_each_images_sidecar(tmp_path):
+    out = tmp_path / "out"
+    flags = [{"Check": "volume", "Structure": "L-HI"}, {"Check": "pieces", "Structure": "L-HI"},
+             {"Check": "volume", "Structure": "R-HI"}]
+    for sub, qc in (("01", {"Status": "pass", "Flags": []}), ("02", {"Status": "fail", "Flags": flags})):
+        ents = {"subject": sub}
+        _write(out, ents, 2)
+        d.write_dseg_sidecar(d.dseg_sidecar_path(out, ents), {"QC": qc})
+    assert run_group(_config(tmp_path, reports=False)) == 0
+    lines = d.group_volumes_path(out).read_text().splitlines()
+    assert [ln.split("\t")[-1] for ln in lines] == ["qc", "pass", "fail (volume, pieces)"]
+    assert not d.group_report_path(out).exists()  # --no-reports
+    assert "fail" in json.loads(d.group_volumes_sidecar_path(out).read_text())["qc"]["Description"]
 
 
 def test_participant_and_session_selection(tmp_path):

@@ -61,6 +61,35 @@ def test_participant_outputs_resume_and_failures(dataset, tiny_model, tmp_path, 
         assert sidecar["Registration"]["Value"] > 0.25
         assert (out / rel.replace("_dseg.nii.gz", "_volumes.tsv")).is_file()
     assert (out / "sub-01" / "figures" / "sub-01_desc-cadiff_dseg.png").stat().st_size > 1000
+    for kind in ("contours", "uncertainty", "registration"):
+        assert (out / "sub-01" / "figures" / f"sub-01_desc-cadiff_{kind}.png").is_file()
+
+    # uncertainty map on the T1w's grid, QC table and QC entry, failure records, reports
+    unc = nib.load(out / "sub-01/anat/sub-01_label-uncertainty_desc-cadiff_probseg.nii.gz")
+    seg1 = nib.load(out / "sub-01/anat/sub-01_desc-cadiff_dseg.nii.gz")
+    assert unc.shape == seg1.shape
+    np.testing.assert_allclose(unc.affine, seg1.affine)
+    u = np.asarray(unc.dataobj, dtype=np.float32)
+    assert 0 <= u.min() and u.max() <= 1 and u[np.asarray(seg1.dataobj) == 0].mean() < u.max()
+    unc_sidecar = json.loads(
+        (out / "sub-01/anat/sub-01_label-uncertainty_desc-cadiff_probseg.json").read_text())
+    assert unc_sidecar["Samples"] == 1 and "probability that the label is wrong" in (
+        unc_sidecar["Description"])
+    assert not (out / "sub-01/anat/sub-01_desc-cadiff_probseg.nii.gz").exists()
+    qc_rows = (out / "sub-01/anat/sub-01_desc-cadiff_qc.tsv").read_text().splitlines()
+    assert qc_rows[0].split("\t")[:6] == [
+        "index", "name", "abbreviation", "volume_mm3", "volume_soft_mm3", "volume_sd_mm3"]
+    assert len(qc_rows) == 1 + len(TABLE.entries) - 1
+    side1 = json.loads((out / "sub-01/anat/sub-01_desc-cadiff_dseg.json").read_text())
+    assert side1["QC"]["Status"] in ("pass", "fail")
+    assert [c["Check"] for c in side1["QC"]["Checks"]] == ["missing"]  # no reference: 4 labels
+    assert side1["Uncertainty"]["Samples"] == 1 and 0 <= side1["Uncertainty"]["BrainMean"] <= 1
+    records = sorted(p.name for p in (out / "logs").glob("*_error.json"))
+    assert records == ["sub-03_desc-cadiff_error.json", "sub-04_desc-cadiff_error.json"]
+    assert "NaN" in json.loads((out / "logs" / records[1]).read_text())["Error"]
+    for sub in ("01", "02", "03", "04"):
+        assert (out / f"sub-{sub}.html").is_file()
+    assert "NaN" in (out / "sub-04.html").read_text()
     assert not (out / "sub-03" / "anat").exists() or not list((out / "sub-03").rglob("*dseg*"))
     assert (out / "dataset_description.json").is_file() and (out / "desc-cadiff_dseg.tsv").is_file()
     assert not [p for p in out.rglob("*") if p.name.startswith(".tmp")]
@@ -97,7 +126,63 @@ def test_participant_outputs_resume_and_failures(dataset, tiny_model, tmp_path, 
     assert main([str(dataset[0]), str(out), "group"]) == 0
     table = (out / "group" / "desc-cadiff_volumes.tsv").read_text().splitlines()
     assert table[0].split("\t")[:2] == ["participant_id", "session_id"]
+    assert table[0].split("\t")[-2:] == ["TotalBrain", "qc"]
+    assert all(row.split("\t")[-1].startswith(("pass", "fail (")) for row in table[1:])
     assert len(table) == 3
+    assert (out / "group" / "desc-cadiff_report.html").is_file()
+
+
+@pytest.mark.slow
+def test_samples_give_disagreement_uncertainty_spread_and_probabilities(dataset, tiny_model,
+                                                                        tmp_path):
+    """--samples 3: the uncertainty is the fraction of samples whose labels differ from the
+    final labels (zero where all agree); the soft volumes are the sums of the probabilities
+    written by --save-probabilities."""
+    import torch
+
+    from bids_cadiff.app.participant import segment_t1w
+    from bids_cadiff.inference.checkpoint import load_checkpoint
+    from bids_cadiff.inference.refine import RefineSettings
+    from bids_cadiff.registration.atlas import resolve_atlas
+
+    out = tmp_path / "out"
+    assert _run(dataset, tiny_model, out, "--participant-label", "01", "--samples", "3",
+                "--save-probabilities", "--no-reports") == 0
+    anat = out / "sub-01" / "anat"
+    labels = np.asarray(nib.load(anat / "sub-01_desc-cadiff_dseg.nii.gz").dataobj)
+    unc = np.asarray(nib.load(
+        anat / "sub-01_label-uncertainty_desc-cadiff_probseg.nii.gz").dataobj, dtype=np.float64)
+    probs = nib.load(anat / "sub-01_desc-cadiff_probseg.nii.gz")
+    assert probs.shape == (*labels.shape, len(TABLE.entries))
+    assert not (out / "sub-01.html").exists()  # --no-reports
+
+    # the same samples, one at a time through the Python API
+    t1 = nib.load(dataset[0] / "sub-01" / "anat" / "sub-01_T1w.nii.gz")
+    loaded = load_checkpoint(tiny_model)
+    common = dict(atlas=resolve_atlas(dataset[1]), steps=2, device=torch.device("cpu"),
+                  cache_dir=out.parent / "work" / "registration", refine=RefineSettings())
+    singles = [segment_t1w(t1, loaded, seed=k, **common).labels for k in range(3)]
+    disagree = np.mean([s != labels for s in singles], axis=0)
+    np.testing.assert_allclose(unc, disagree, atol=1 / 255 / 2)
+    assert (unc[np.all([s == labels for s in singles], axis=0)] == 0).all()
+    assert len(np.unique(disagree)) > 1  # the samples do disagree somewhere
+
+    qc = {}
+    rows = (anat / "sub-01_desc-cadiff_qc.tsv").read_text().splitlines()
+    header = rows[0].split("\t")
+    for line in rows[1:]:
+        row = dict(zip(header, line.split("\t")))
+        qc[int(row["index"])] = row
+    voxel = float(np.prod(t1.header.get_zooms()[:3]))
+    p = np.asarray(probs.dataobj, dtype=np.float64)
+    for channel, entry in enumerate(TABLE.entries[1:], start=1):
+        soft = float(qc[entry.value]["volume_soft_mm3"])
+        assert soft == pytest.approx(p[..., channel].sum() * voxel, rel=0.02, abs=5 * voxel)
+        sample_volumes = [float((s == entry.value).sum()) * voxel for s in singles]
+        assert float(qc[entry.value]["volume_sd_mm3"]) == pytest.approx(
+            np.std(sample_volumes, ddof=1), rel=1e-4, abs=1e-3)
+    side = json.loads((anat / "sub-01_desc-cadiff_dseg.json").read_text())
+    assert side["Uncertainty"]["Samples"] == 3 and "fraction of 3" in side["Uncertainty"]["Measure"]
 
 
 def test_model_that_is_not_a_checkpoint_is_a_usage_error(dataset, tmp_path, capsys):

@@ -37,12 +37,27 @@ def test_output_dataset_is_valid_bids(tmp_path, bids_skeleton, make_nifti, valid
             steps=5, seed=0, device="cpu", run_time_s=1.0, registration={"MI": 0.3}))
         d.write_volumes_tsv(d.volumes_path(out, ents), d.compute_volumes(lab, 1.8, SYNTHSEG32),
                             ents)
-        fig = d.figure_path(out, ents)
-        fig.parent.mkdir(parents=True, exist_ok=True)
-        fig.write_bytes(b"\x89PNG\r\n\x1a\n")
+        for kind in d.FIGURE_KINDS:
+            fig = d.figure_path(out, ents, kind)
+            fig.parent.mkdir(parents=True, exist_ok=True)
+            fig.write_bytes(b"\x89PNG\r\n\x1a\n")
+        # the uncertainty map (always) and the 4D class probabilities (--save-probabilities)
+        unc = d.save_probability_map(d.uncertainty_path(out, ents),
+                                     (lab > 0).astype(np.uint8) * 40, src.affine, src.header)
+        d.write_json(d.image_sidecar_path(unc), d.image_sidecar("u", [f"bids:raw:{rel}"]))
+        probs = np.zeros((*src.shape, len(SYNTHSEG32.entries)), np.uint8)
+        probs[..., 0] = 255
+        prob = d.save_probability_map(d.probseg_path(out, ents), probs, src.affine, src.header)
+        d.write_json(d.image_sidecar_path(prob), d.image_sidecar("p", [f"bids:raw:{rel}"]))
+        d.write_qc_table(d.qc_table_path(out, ents), [{"index": 2, "flags": []}],
+                         ["index", "flags"])
+        d.write_json(d.error_record_path(out, ents), {"Error": "x"})
     d.write_group_volumes(out, [{"participant_id": "sub-01", "TotalBrain": 1.0}],
                           ["participant_id", "TotalBrain"], SYNTHSEG32)
-    (out / "logs").mkdir()
+    for subject in ("01", "02"):
+        d.participant_report_path(out, subject).write_text("<html></html>")
+    d.group_report_path(out).write_text("<html></html>")
+    (out / "logs").mkdir(exist_ok=True)
     (out / "logs" / "config-1.toml").write_text("a = 1\n")
 
     proc = subprocess.run([str(validator_exe), str(out), "--format", "json", "--no-color"],

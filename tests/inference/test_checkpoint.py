@@ -194,3 +194,31 @@ def test_invalid_inputs_are_refused(tmp_path, inputs):
     torch.save(payload, path)
     with pytest.raises(CheckpointError, match="ok.pt"):
         load_checkpoint(path)
+
+
+def test_calibration_is_stored_and_travels_with_a_new_hash(tmp_path):
+    import dataclasses
+
+    from bids_cadiff.inference.checkpoint import store_calibration
+
+    path = tmp_path / "m.pt"
+    plain = save_checkpoint(path, _model(), _meta())
+    assert load_checkpoint(path).metadata.temperature == 1.0
+    assert "calibration" not in read_checkpoint(path)  # uncalibrated files keep their hashes
+    calibrated = tmp_path / "c.pt"
+    digest = store_calibration(path, calibrated, {"temperature": 1.7, "chosen_on": "folds"})
+    loaded = load_checkpoint(calibrated)
+    assert digest != plain and loaded.metadata.sha256 == digest
+    assert loaded.metadata.temperature == 1.7
+    assert loaded.metadata.calibration["chosen_on"] == "folds"
+    for (k, a), (_, b) in zip(load_checkpoint(path).model.state_dict().items(),
+                              loaded.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    # save_checkpoint keeps it too
+    again = tmp_path / "again.pt"
+    save_checkpoint(again, loaded.model, dataclasses.replace(_meta(), calibration={"temperature": 2.0}))
+    assert load_checkpoint(again).metadata.temperature == 2.0
+    with pytest.raises(ValueError, match="temperature"):
+        store_calibration(path, tmp_path / "bad.pt", {"temperature": 0})
+    with pytest.raises(ValueError, match="temperature"):
+        dataclasses.replace(_meta(), calibration={"temperature": -1.0})

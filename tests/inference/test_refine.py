@@ -114,13 +114,16 @@ def test_field_to_grid_interpolates_and_fills_outside():
     assert out[4, 4, 4] == -1.0
 
 
-def test_refine_labels_is_the_argmax_of_the_posterior_also_from_half_precision():
-    from bids_cadiff.inference.refine import refine_labels
+def test_chunked_posterior_is_the_whole_posterior_also_from_half_precision():
+    from bids_cadiff.inference.refine import refine_posterior_chunks
 
     prior, x, _ = blurred_two_tissue(n=3000, boundary=1500, offset=60)
     want = refine_posterior(prior, x).argmax(0)
-    np.testing.assert_array_equal(refine_labels(prior, x, chunk=500), want)
-    half = refine_labels(prior.astype(np.float16), x)
+    labels = np.full(3000, -1)
+    for cols, post in refine_posterior_chunks(prior, x, chunk=500):
+        labels[cols] = post.argmax(0)
+    np.testing.assert_array_equal(labels, want)
+    half = refine_posterior(prior.astype(np.float16), x).argmax(0)
     assert (half != want).mean() < 0.002
 
 

@@ -1,0 +1,1 @@
+"""Quality control: per-structure measurements and the flags that say when not to trust a result."""

@@ -1,0 +1,173 @@
+"""QC flags of one segmented T1w: each with its reason and threshold, from a reference.
+
+Checks (all thresholds come from a :class:`QCReference`; how the bundled one was chosen is
+in its ``ChosenOn`` fields and the model card):
+
+* ``registration``: the atlas registration's NCC inside the warped atlas brain below the
+  reference's minimum for that kind of image (with skull, or brain only);
+* ``uncertainty``: the mean voxel uncertainty over the labelled brain above the maximum;
+* ``volume``: a structure's volume fraction (of total brain volume) outside its range;
+* ``missing``: a structure with no voxel;
+* ``pieces``: more of a structure's volume outside its largest connected piece than allowed.
+
+A T1w with any flag has QC status ``fail``: look at its report before using its labels.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+__all__ = ["CHECKS", "DEFAULT_REFERENCE", "QCReference", "load_reference", "qc_flags"]
+
+#: Names of the checks, in report order.
+CHECKS: tuple[str, ...] = ("registration", "uncertainty", "volume", "missing", "pieces")
+#: The reference bundled for the 32-structure table (built by scripts/build_qc_reference.py).
+DEFAULT_REFERENCE = Path(__file__).resolve().parents[1] / "data" / "qc_reference.json"
+
+
+@dataclass(frozen=True)
+class QCReference:
+    """Thresholds of the QC checks.
+
+    Attributes:
+        registration_min: ``{"with_skull": NCC, "brain_only": NCC}`` minimum.
+        uncertainty_max: maximum of the mean voxel uncertainty over the labelled brain.
+        volume_fraction: ``{abbreviation: (low, high)}`` allowed volume fractions;
+            structures not listed are not checked.
+        pieces_max: ``{abbreviation: fraction}`` allowed volume outside the largest piece.
+        structures: abbreviations every segmentation should contain (``missing`` check).
+        table: abbreviations of the label table the reference was built for (background left
+            out), in order; a model with another table gets no reference.
+        chosen_on: ``{check: how its threshold was chosen}``.
+    """
+
+    registration_min: Mapping[str, float]
+    uncertainty_max: float
+    volume_fraction: Mapping[str, tuple[float, float]]
+    pieces_max: Mapping[str, float]
+    structures: Sequence[str]
+    table: Sequence[str]
+    chosen_on: Mapping[str, str] = field(default_factory=dict)
+
+    def fits(self, abbreviations: Sequence[str]) -> bool:
+        """Whether a model with these structures (background left out) can use it."""
+        return list(abbreviations) == list(self.table)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> QCReference:
+        return cls(
+            registration_min={k: float(v) for k, v in data["RegistrationMin"].items()},
+            uncertainty_max=float(data["UncertaintyMax"]),
+            volume_fraction={k: (float(v[0]), float(v[1]))
+                             for k, v in data["VolumeFraction"].items()},
+            pieces_max={k: float(v) for k, v in data["PiecesMax"].items()},
+            structures=list(data["Structures"]),
+            table=list(data["Table"]),
+            chosen_on=dict(data.get("ChosenOn", {})),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "RegistrationMin": dict(self.registration_min),
+            "UncertaintyMax": self.uncertainty_max,
+            "VolumeFraction": {k: list(v) for k, v in self.volume_fraction.items()},
+            "PiecesMax": dict(self.pieces_max),
+            "Structures": list(self.structures),
+            "Table": list(self.table),
+            "ChosenOn": dict(self.chosen_on),
+        }
+
+
+def load_reference(path: Path = DEFAULT_REFERENCE) -> QCReference:
+    """Read a reference written by :meth:`QCReference.to_json`."""
+    return QCReference.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def _flag(check: str, structure: str | None, value: float, threshold: str, reason: str) -> dict:
+    return {"Check": check, "Structure": structure, "Value": round(float(value), 4),
+            "Threshold": threshold, "Reason": reason}
+
+
+def qc_flags(
+    rows: Sequence[dict[str, Any]],
+    *,
+    registration_ncc: float,
+    brain_only: bool,
+    brain_uncertainty: float,
+    reference: QCReference | None,
+) -> dict[str, Any]:
+    """The ``QC`` entry of a sidecar; also appends each structure's flags to its row's
+    ``flags`` list (rows from :func:`bids_cadiff.qc.structures.structure_rows`).
+
+    Args:
+        rows: per-structure QC rows.
+        registration_ncc: the registration's NCC inside the warped atlas brain.
+        brain_only: the image was registered as a skull-stripped brain.
+        brain_uncertainty: mean voxel uncertainty over the labelled brain.
+        reference: the thresholds, or ``None`` (no reference for this label table: only the
+            ``missing`` check runs, and ``Checks`` says so).
+
+    Returns:
+        ``{"Status": "pass"|"fail", "Flags": [...], "Checks": [...]}``.
+    """
+    flags: list[dict[str, Any]] = []
+    checks: list[dict[str, Any]] = []
+    by_abbrev = {row["abbreviation"]: row for row in rows}
+
+    def add(flag: dict[str, Any]) -> None:
+        flags.append(flag)
+        if flag["Structure"] is not None and flag["Structure"] in by_abbrev:
+            by_abbrev[flag["Structure"]]["flags"].append(flag["Check"])
+
+    chosen = reference.chosen_on if reference is not None else {}
+    if reference is not None:
+        kind = "brain_only" if brain_only else "with_skull"
+        low = reference.registration_min[kind]
+        checks.append({"Check": "registration", "Threshold": f"NCC >= {low:.3f} ({kind})",
+                       "ChosenOn": chosen.get("registration", "")})
+        if registration_ncc < low:
+            add(_flag("registration", None, registration_ncc, f">= {low:.3f}",
+                      "the atlas registration fits this image worse than any training image "
+                      "did: check the image's orientation and field of view"))
+        high = reference.uncertainty_max
+        checks.append({"Check": "uncertainty", "Threshold": f"mean brain uncertainty <= {high:.3f}",
+                       "ChosenOn": chosen.get("uncertainty", "")})
+        if brain_uncertainty > high:
+            add(_flag("uncertainty", None, brain_uncertainty, f"<= {high:.3f}",
+                      "the model is less sure of this image than of any training image"))
+        checks.append({"Check": "volume", "Threshold": "volume fraction of TotalBrain within "
+                       "each structure's range", "ChosenOn": chosen.get("volume", "")})
+        checks.append({"Check": "pieces", "Threshold": "volume outside the largest piece "
+                       "within each structure's maximum", "ChosenOn": chosen.get("pieces", "")})
+    expected = list(reference.structures) if reference is not None else list(by_abbrev)
+    unchecked = [a for a in by_abbrev if a not in expected]
+    checks.append({
+        "Check": "missing",
+        "Threshold": "every structure has at least one voxel" + (
+            f" (not checked: {', '.join(unchecked)})" if unchecked else ""),
+        "ChosenOn": chosen.get("missing", "every structure of the label table"),
+    })
+    for row in rows:
+        abbrev = row["abbreviation"]
+        if row["volume_mm3"] <= 0:
+            if abbrev in expected:
+                add(_flag("missing", abbrev, 0.0, "> 0 mm3", f"{row['name']} has no voxel"))
+            continue
+        if reference is None:
+            continue
+        bounds = reference.volume_fraction.get(abbrev)
+        fraction = row.get("volume_fraction")
+        if bounds is not None and fraction is not None and not bounds[0] <= fraction <= bounds[1]:
+            add(_flag("volume", abbrev, fraction, f"{bounds[0]:.5f} to {bounds[1]:.5f}",
+                      f"{row['name']} is {'smaller' if fraction < bounds[0] else 'larger'} "
+                      "than expected for this brain size"))
+        most = reference.pieces_max.get(abbrev)
+        pieces = row.get("outside_largest_piece")
+        if most is not None and pieces is not None and pieces > most:
+            add(_flag("pieces", abbrev, pieces, f"<= {most:.3f}",
+                      f"{row['name']} is in pieces ({pieces:.0%} of it outside its largest "
+                      "piece)"))
+    return {"Status": "fail" if flags else "pass", "Flags": flags, "Checks": checks}

@@ -1,0 +1,69 @@
+"""scripts/calibration.py: ECE, the temperature chosen on training subjects, the summary."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "calibration.py"
+spec = importlib.util.spec_from_file_location("calibration", SCRIPT)
+calibration = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(calibration)
+
+SHAPE = (14, 14, 14)
+
+
+def _run(path: Path, seed: int, sharpen: float, ncc: float) -> None:
+    """A fake calibration run: the reference is drawn from true probabilities q, the stored
+    probabilities are q sharpened (q^sharpen): overconfident by a temperature of ``sharpen``."""
+    rng = np.random.default_rng(seed)
+    n = int(np.prod(SHAPE))
+    logits = rng.normal(size=(n, 3)) * 2
+    logits[:, 1] += 1.0
+    q = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    truth = np.array([rng.choice(3, p=row) for row in q], dtype=np.int16)
+    p = q**sharpen
+    p /= p.sum(1, keepdims=True)
+    np.savez_compressed(
+        path, index=np.arange(n), shape=np.array(SHAPE), probabilities=np.rint(p * 255).astype(np.uint8),
+        truth=truth, zooms=np.ones(3), registration_ncc=ncc, brain_only=False, model_sha256="x")
+
+
+def test_ece_is_zero_for_calibrated_and_positive_for_overconfident_voxels():
+    rng = np.random.default_rng(0)
+    conf = rng.uniform(0.3, 1, 200_000)
+    calibrated = rng.uniform(size=conf.size) < conf
+    assert calibration._ece(*calibration._bins(conf, calibrated)) < 0.01
+    over = rng.uniform(size=conf.size) < conf - 0.2
+    assert calibration._ece(*calibration._bins(conf, over)) == pytest.approx(0.2, abs=0.02)
+
+
+def test_summarise_fits_the_temperature_on_training_subjects_and_reports_test_figures(tmp_path):
+    runs = tmp_path / "fold1"
+    runs.mkdir()
+    for k, ncc in enumerate((0.55, 0.5, 0.6, 0.45)):
+        _run(runs / f"sub-0{k + 1}.npz", k, sharpen=2.0, ncc=ncc)
+    regs = pd.DataFrame([{"subject": f"sub-0{k + 1}", "image": "T1.mgz", "brain_only": False,
+                          "ncc": ncc, "ncc_shift8mm": ncc - 0.25}
+                         for k, ncc in enumerate((0.55, 0.5, 0.6, 0.45))])
+    regs.to_csv(tmp_path / "reg.tsv", sep="\t", index=False)
+    figure = tmp_path / "rel.png"
+    assert calibration.main(["summarise", "--registrations", str(tmp_path / "reg.tsv"),
+                             "--fold", str(runs), "sub-01", "--out-dir", str(tmp_path / "out"),
+                             "--figure", str(figure)]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    (fold,) = summary["folds"]
+    assert fold["train"] == ["sub-02", "sub-03", "sub-04"] and fold["test"] == ["sub-01"]
+    assert fold["temperature_fitted"] == pytest.approx(2.0, rel=0.15)
+    assert fold["temperature_kept"]
+    assert summary["ece_chosen"] < summary["ece_raw"] / 2
+    # halfway between the worst good training NCC (0.45) and the best shifted one (0.35)
+    assert fold["registration_min"]["with_skull"] == pytest.approx(0.40)
+    assert summary["registration_check"] == {"shift_mm": 8.0, "good_flagged": 0,
+                                             "shifted_caught": 1, "test_images": 1}
+    rows = pd.read_csv(tmp_path / "out" / "calibration.tsv", sep="\t")
+    assert rows.subject.tolist() == ["sub-01"]
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
