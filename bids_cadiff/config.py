@@ -23,6 +23,9 @@ Refinement = Literal["em", "none"]
 
 ANALYSIS_LEVELS: tuple[str, ...] = ("participant", "group")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+#: Memory one image may need (peak resident; docs/performance.md measures 1.6 GiB for a
+#: 0.88 mm head): ``--mem`` allows one image at once per this many GB.
+GB_PER_IMAGE = 3.0
 #: ``--refine`` choices: intensity refinement on the T1w's own grid, or none.
 REFINEMENTS: tuple[str, ...] = ("em", "none")
 
@@ -57,6 +60,10 @@ class RunConfig:
         save_probabilities: also write the class probabilities on the T1w's grid (4D probseg).
         reports: write the HTML reports (participant: ``sub-<label>.html``; group:
             ``group/desc-cadiff_report.html``).
+        mem_gb: memory budget in GB (``--mem``), or ``None``: images run in parallel only as
+            far as it allows :data:`GB_PER_IMAGE` each.
+        reproducible: bit-identical outputs for the same input, seed and thread count: ANTs
+            (registration, N4) runs single-threaded. Its random seed is always ``seed``.
         overwrite: recompute outputs that already exist instead of skipping them.
         verbosity: number of ``-v`` flags (0: INFO, >= 1: DEBUG).
     """
@@ -80,6 +87,8 @@ class RunConfig:
     samples: int = 1
     save_probabilities: bool = False
     reports: bool = True
+    reproducible: bool = False
+    mem_gb: float | None = None
     overwrite: bool = False
     verbosity: int = 0
 
@@ -96,6 +105,11 @@ class RunConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.mem_gb is not None and self.mem_gb < GB_PER_IMAGE:
+            raise ValueError(
+                f"--mem {self.mem_gb:g} GB is below the {GB_PER_IMAGE:g} GB one image may need; "
+                f"give at least {GB_PER_IMAGE:g}G"
+            )
         if self.verbosity < 0:
             raise ValueError(f"verbosity must be >= 0, got {self.verbosity!r}")
 

@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--model", type=Path, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not FSTD.is_dir():
+    if args.command in ("run", "registration") and not FSTD.is_dir():
         sys.exit(f"calibration: {FSTD} is missing (the project's shared data)")
     return {"run": run, "registration": registration, "summarise": summarise,
             "store": store}[args.command](args)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from bids_cadiff import __version__
 from bids_cadiff.bidsio import derivatives as deriv
 from bids_cadiff.bidsio.query import T1wRecord, find_t1w
-from bids_cadiff.config import RunConfig
+from bids_cadiff.config import GB_PER_IMAGE, RunConfig
 from bids_cadiff.errors import CadiffError, CheckpointError, UsageError
 from bids_cadiff.imaging.preprocess import (
     bias_field,
@@ -538,11 +538,13 @@ def _label_prior_description(loaded: LoadedModel) -> dict[str, object] | None:
     }
 
 
-def _worker_init(threads: int) -> None:
-    """Worker process set-up: its own thread budget for torch and ITK (ANTs)."""
+def _worker_init(threads: int, reproducible: bool = False) -> None:
+    """Worker process set-up: its own thread budget for torch and ITK (ANTs); ITK gets one
+    thread with ``--reproducible``."""
     import os
 
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)  # this worker's own env
+    itk_threads = 1 if reproducible else threads
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(itk_threads)  # this worker's own env
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
@@ -581,6 +583,19 @@ def _write_participant_reports(output_dir: Path, records: Sequence[T1wRecord]) -
             log.exception("could not write the report of sub-%s", subject)
             continue
         log.info("report %s (%.1f s)", path, time.perf_counter() - start)
+
+
+def parallel_images(config: RunConfig, device: torch.device) -> int:
+    """How many images run at once: ``nprocs // omp_nthreads`` on the CPU (one on a GPU),
+    and no more than ``--mem`` holds at :data:`~bids_cadiff.config.GB_PER_IMAGE` each."""
+    workers = max(1, config.nprocs // config.omp_nthreads) if device.type == "cpu" else 1
+    if config.mem_gb is not None:
+        allowed = max(1, int(config.mem_gb // GB_PER_IMAGE))
+        if allowed < workers:
+            log.info("--mem %g GB: %d image(s) at once instead of %d (%g GB each)",
+                     config.mem_gb, allowed, workers, GB_PER_IMAGE)
+        workers = min(workers, allowed)
+    return workers
 
 
 def run_participant(config: RunConfig) -> int:
@@ -623,8 +638,7 @@ def run_participant(config: RunConfig) -> int:
             _warn_if_other_refinement(config, record)
         else:
             todo.append(record)
-    workers = max(1, config.nprocs // config.omp_nthreads) if device.type == "cpu" else 1
-    workers = min(workers, len(todo))
+    workers = min(parallel_images(config, device), len(todo))
 
     def report(record: T1wRecord, outcome: dict[str, float] | BaseException) -> None:
         count = len(failures)
@@ -657,7 +671,7 @@ def run_participant(config: RunConfig) -> int:
                  config.omp_nthreads)
         with cf.ProcessPoolExecutor(
             workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_worker_init, initargs=(config.omp_nthreads,),
+            initializer=_worker_init, initargs=(config.omp_nthreads, config.reproducible),
         ) as pool:
             futures = {
                 pool.submit(_worker, r, config, loaded.path, atlas, str(device)): r for r in todo

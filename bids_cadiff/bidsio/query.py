@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -277,18 +278,55 @@ def find_validator() -> Path | None:
     return None
 
 
-def validate_dataset(bids_dir: str | Path, *, timeout_s: float = VALIDATOR_TIMEOUT_S) -> None:
+#: Validator errors that only say the selection left participants out (fMRIPrep ignores them
+#: for the same reason when it validates a subset).
+SUBSET_ERRORS: frozenset[str] = frozenset({"PARTICIPANT_ID_MISMATCH"})
+
+
+def _selection_view(bids_dir: Path, participant_labels: Sequence[str], root: Path) -> Path:
+    """A folder of symbolic links that shows the validator the dataset with only the selected
+    participants: every top-level entry that is not a ``sub-*`` folder, and ``sub-<label>`` for
+    each label (as fMRIPrep validates only what it will process)."""
+    view = root / bids_dir.name
+    view.mkdir()
+    wanted = {f"sub-{label}" for label in participant_labels}
+    for entry in bids_dir.iterdir():
+        if entry.name.startswith("sub-") and entry.name not in wanted:
+            continue
+        (view / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+    return view
+
+
+def validate_dataset(
+    bids_dir: str | Path,
+    *,
+    participant_labels: Sequence[str] = (),
+    timeout_s: float = VALIDATOR_TIMEOUT_S,
+) -> None:
     """Run ``bids-validator-deno`` on the raw dataset; raise if it reports errors.
 
-    Warnings are logged at DEBUG; errors raise. If the validator is not installed a warning
-    is logged and nothing else happens. The validator uses the schema bundled with it and
-    needs no network.
+    With ``participant_labels``, only those participants (and the dataset's top-level files)
+    are validated, as fMRIPrep does: a broken file of another participant does not stop a run
+    that does not touch it. Warnings are logged at DEBUG; errors raise. If the validator is not
+    installed a warning is logged and nothing else happens. The validator uses the schema
+    bundled with it and needs no network.
 
     Raises:
         UsageError: the dataset has validation errors (the message names the dataset, the
             first error codes, and ``--skip-bids-validation``).
     """
     bids_dir = Path(os.path.abspath(bids_dir))
+    if participant_labels:
+        with tempfile.TemporaryDirectory(prefix="cadiff-validate-") as tmp:
+            view = _selection_view(bids_dir, participant_labels, Path(tmp))
+            logger.info("validating participant(s) %s only", ", ".join(participant_labels))
+            _validate(view, bids_dir, ignore=SUBSET_ERRORS, timeout_s=timeout_s)
+        return
+    _validate(bids_dir, bids_dir, ignore=frozenset(), timeout_s=timeout_s)
+
+
+def _validate(target: Path, bids_dir: Path, *, ignore: frozenset[str], timeout_s: float) -> None:
+    """Validate ``target`` (the dataset or a view of it); messages name ``bids_dir``."""
     exe = find_validator()
     if exe is None:
         logger.warning(
@@ -298,7 +336,7 @@ def validate_dataset(bids_dir: str | Path, *, timeout_s: float = VALIDATOR_TIMEO
             bids_dir,
         )
         return
-    cmd = [str(exe), str(bids_dir), "--format", "json", "--ignoreWarnings", "--no-color"]
+    cmd = [str(exe), str(target), "--format", "json", "--ignoreWarnings", "--no-color"]
     logger.info("validating %s with %s", bids_dir, exe.name)
     try:
         proc = subprocess.run(
@@ -327,14 +365,14 @@ def validate_dataset(bids_dir: str | Path, *, timeout_s: float = VALIDATOR_TIMEO
             f"bids-validator-deno failed on {bids_dir} (exit {proc.returncode}): {last}. Fix "
             "the dataset or run again with --skip-bids-validation."
         ) from None
-    errors = [i for i in issues if i.get("severity") == "error"]
+    errors = [i for i in issues if i.get("severity") == "error" and i.get("code") not in ignore]
     for issue in issues:
         if issue.get("severity") != "error":
             logger.debug("BIDS validator: %s %s", issue.get("code"), issue.get("location", ""))
     if errors:
         summary = []
         for issue in errors[:3]:
-            loc = issue.get("location") or ""
+            loc = (issue.get("location") or "").replace(str(target), str(bids_dir))
             summary.append(f"{issue.get('code')} {loc}".strip())
         more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
         raise UsageError(

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
 from bids_cadiff import __version__
-from bids_cadiff.config import ANALYSIS_LEVELS, DEVICES, REFINEMENTS, RunConfig
+from bids_cadiff.config import ANALYSIS_LEVELS, DEVICES, GB_PER_IMAGE, REFINEMENTS, RunConfig
 
 _LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
 
@@ -67,6 +67,25 @@ def _positive_int(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"{value!r} must be >= 1")
     return number
+
+
+_MEM_UNITS = {"": 1e-3, "k": 1e-6, "m": 1e-3, "g": 1.0, "t": 1e3}
+
+
+def _memory_gb(value: str) -> float:
+    """``--mem``: a size with an optional unit (K, M, G, T, with or without B); a bare number
+    is in MB, as in fMRIPrep. Returns GB.
+
+    Example:
+        >>> _memory_gb("16G"), _memory_gb("8000"), _memory_gb("2.5GB")
+        (16.0, 8.0, 2.5)
+    """
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)[bB]?\s*", value)
+    if match is None or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"memory {value!r} is not a size; write e.g. 16G, 16GB or 16000 (MB)"
+        )
+    return float(match.group(1)) * _MEM_UNITS[match.group(2).lower()]
 
 
 def _seed(value: str) -> int:
@@ -245,6 +264,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="threads per image for torch/OpenMP/ITK (default: min(8, nprocs))",
     )
     perf.add_argument(
+        "--mem",
+        "--mem-mb",
+        "--mem_mb",
+        dest="mem_gb",
+        type=_memory_gb,
+        default=None,
+        metavar="SIZE",
+        help="memory budget of the run (e.g. 16G; a bare number is MB, as in fMRIPrep): at most "
+        "one image per 3 GB runs at once, and a budget under 3 GB is refused (default: no "
+        "limit besides --nprocs)",
+    )
+    perf.add_argument(
         "--device",
         choices=DEVICES,
         default="auto",
@@ -296,6 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     other = parser.add_argument_group("other")
+    other.add_argument(
+        "--reproducible",
+        action="store_true",
+        help="bit-identical outputs for the same input, --seed and --omp-nthreads, also with a "
+        "fresh work dir: ANTs (registration, N4) runs single-threaded, which is slower "
+        "(docs/performance.md). Without it, multi-threaded ANTs can give slightly different "
+        "registrations from run to run",
+    )
     other.add_argument(
         "--no-reports",
         action="store_true",
@@ -388,6 +427,11 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
                 "CPU budget); lower --omp-nthreads or raise --nprocs."
             )
         nprocs = omp_nthreads
+    if opts.mem_gb is not None and opts.mem_gb < GB_PER_IMAGE:
+        parser.error(
+            f"--mem {opts.mem_gb:g} GB is below the {GB_PER_IMAGE:g} GB one image may need; "
+            f"give at least --mem {GB_PER_IMAGE:g}G (or leave --mem out)."
+        )
 
     return RunConfig(
         bids_dir=bids_dir,
@@ -409,6 +453,8 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
         samples=opts.samples,
         save_probabilities=opts.save_probabilities,
         reports=not opts.no_reports,
+        reproducible=opts.reproducible,
+        mem_gb=opts.mem_gb,
         overwrite=opts.overwrite,
         verbosity=opts.verbosity,
     )

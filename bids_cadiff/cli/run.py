@@ -45,15 +45,20 @@ def setup_logging(verbosity: int) -> None:
         logging.getLogger("bids").setLevel(logging.DEBUG)
 
 
-def set_threads(omp_nthreads: int) -> None:
+def set_threads(omp_nthreads: int, *, reproducible: bool = False) -> None:
     """Limit torch's intra-op threads and ITK's (ANTs) threads to ``omp_nthreads``.
 
     torch is imported here, lazily. ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` is set unless the
-    user set it: ITK reads nothing else. Worker processes set their own (participant level).
+    user set it: ITK reads nothing else. ``reproducible``: ITK gets one thread whatever the
+    user set (multi-threaded ANTs sums its metrics in a varying order). Worker processes set
+    their own (participant level).
     """
     # ITK (ANTs registration, N4) reads its thread count only from the environment, once; the
     # CLI owns this process, so it sets the variable here, before antspyx is first imported.
-    os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(omp_nthreads))
+    if reproducible:
+        os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = "1"
+    else:
+        os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(omp_nthreads))
     try:
         import torch
     except ImportError:  # group level works without torch
@@ -81,8 +86,8 @@ def run(config: RunConfig) -> int:
         if config.skip_bids_validation:
             logger.info("BIDS validation skipped (--skip-bids-validation)")
         else:
-            validate_dataset(config.bids_dir)
-        set_threads(config.omp_nthreads)
+            validate_dataset(config.bids_dir, participant_labels=config.participant_labels)
+        set_threads(config.omp_nthreads, reproducible=config.reproducible)
         record_config(config)
         from bids_cadiff.app.participant import run_participant
 

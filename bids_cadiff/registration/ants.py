@@ -20,12 +20,16 @@ calibrated against Colin27 on real T1w: good registrations scored 0.44 (chris_t1
 affine/SyN). Initialisation is by centres of mass only: a head rotated by more than a few tens of
 degrees is not recovered, it is rejected.
 
-Threads: ANTs reads ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS``; this module never changes the
-environment; the CLI sets it from --omp-nthreads before the first registration.
+Threads and seeds: ANTs reads ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS``; this module never
+changes the environment; the CLI sets it from --omp-nthreads before the first registration (1
+with ``--reproducible``). The metrics' random sampling is always seeded
+(``RegistrationParams.random_seed``); multi-threaded metric sums still vary in the last bits
+from run to run, single-threaded ones do not.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -35,7 +39,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import nibabel as nib
 import numpy as np
@@ -80,6 +84,8 @@ class RegistrationParams:
         aff_smoothing_sigmas: affine smoothing (voxels) per level.
         reg_iterations: SyN iterations per level; level ``i`` of ``n`` is shrunk ``2**(n-1-i)``.
         syn_grad_step, syn_flow_sigma, syn_total_sigma: ``SyN[grad, flow, total]``.
+        random_seed: seed of the metrics' random sampling (``antsRegistration --random-seed``;
+            without it ANTs seeds from the clock, and two runs differ).
     """
 
     resolution_mm: float = 2.0
@@ -91,8 +97,11 @@ class RegistrationParams:
     syn_grad_step: float = 0.2
     syn_flow_sigma: float = 3.0
     syn_total_sigma: float = 0.0
+    random_seed: int = 1
 
     def __post_init__(self) -> None:
+        if self.random_seed < 1:
+            raise ValueError(f"random_seed must be a positive integer, got {self.random_seed}")
         if self.type_of_transform not in ("SyN", "Affine"):
             raise ValueError(
                 f"type_of_transform must be 'SyN' or 'Affine', got {self.type_of_transform!r}"
@@ -188,6 +197,26 @@ def _run_ants(
     import ants
 
     extra = {"initial_transform": str(initial)} if initial is not None else {}
+    with _seeded(ants, params.random_seed):
+        return _run_ants_seeded(ants, fixed, moving, params, workdir, extra)
+
+
+@contextlib.contextmanager
+def _seeded(ants: Any, seed: int) -> Iterator[None]:
+    """antspyx passes ``--random-seed`` only from its module-level config: set it for the
+    duration of a registration (and put back what was there)."""
+    before = ants.config._random_seed
+    ants.config._random_seed = int(seed)
+    try:
+        yield
+    finally:
+        ants.config._random_seed = before
+
+
+def _run_ants_seeded(
+    ants: Any, fixed: Any, moving: Any, params: RegistrationParams, workdir: Path,
+    extra: dict[str, str],
+) -> list[Path]:
     affine_out = ants.registration(
         fixed, moving, type_of_transform="Affine", **extra,
         aff_metric="mattes", aff_iterations=params.aff_iterations,

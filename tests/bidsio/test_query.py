@@ -123,6 +123,22 @@ def test_validate_dataset_reports_errors(dataset, validator_exe):
     assert str(dataset) in str(info.value)
 
 
+def test_only_the_selected_participants_are_validated(dataset, validator_exe):
+    """As fMRIPrep: a broken file of sub-02 stops a run of sub-02 (or of everyone), not one of
+    sub-01; participants.tsv listing everyone is not an error of the subset."""
+    (dataset / "participants.tsv").write_text("participant_id\nsub-01\nsub-02\n")
+    bad = dataset / "sub-02" / "anat" / "sub-02_foo.nii.gz"
+    bad.parent.mkdir(parents=True, exist_ok=True)
+    bad.write_bytes(b"")
+    validate_dataset(dataset, participant_labels=["01"])
+    with pytest.raises(UsageError, match="not valid BIDS") as info:
+        validate_dataset(dataset, participant_labels=["02"])
+    assert str(dataset) in str(info.value) and "cadiff-validate" not in str(info.value)
+    with pytest.raises(UsageError, match="not valid BIDS"):
+        validate_dataset(dataset)
+    assert not list(dataset.glob("**/cadiff-validate*"))
+
+
 def test_validate_without_validator(dataset, monkeypatch, caplog):
     monkeypatch.setattr("bids_cadiff.bidsio.query.find_validator", lambda: None)
     validate_dataset(dataset)

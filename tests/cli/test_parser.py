@@ -75,6 +75,38 @@ def test_every_other_option(dataset, tmp_path):
     assert _parse(dataset, tmp_path, "--work-dir", "w", "--omp_nthreads", "1").omp_nthreads == 1
 
 
+def test_uncertainty_report_and_resource_options(dataset, tmp_path):
+    opts = _parse(dataset, tmp_path, "--samples", "4", "--save-probabilities", "--no-reports",
+                  "--reproducible", "--mem", "16G")
+    assert (opts.samples, opts.save_probabilities, opts.no_reports) == (4, True, True)
+    assert opts.reproducible and opts.mem_gb == 16.0
+    defaults = _parse(dataset, tmp_path)
+    assert (defaults.samples, defaults.save_probabilities, defaults.no_reports) == (1, False, False)
+    assert not defaults.reproducible and defaults.mem_gb is None
+    assert _parse(dataset, tmp_path, "--mem-mb", "8000").mem_gb == 8.0  # fMRIPrep: MB
+    cfg = parse_args([str(dataset), str(tmp_path / "out"), "participant", "--samples", "2",
+                      "--mem", "6.5GB", "--reproducible", "--no-reports", "-w", str(tmp_path / "w")])
+    assert (cfg.samples, cfg.mem_gb, cfg.reproducible, cfg.reports) == (2, 6.5, True, False)
+
+
+def test_mem_limits_the_images_run_at_once(dataset, tmp_path, caplog):
+    import logging
+
+    import torch
+
+    from bids_cadiff.app.participant import parallel_images
+
+    caplog.set_level(logging.INFO)
+    base = [str(dataset), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w"),
+            "--nprocs", "8", "--omp-nthreads", "1"]
+    cpu = torch.device("cpu")
+    assert parallel_images(parse_args(base), cpu) == 8
+    assert parallel_images(parse_args([*base, "--mem", "7G"]), cpu) == 2
+    assert "2 image(s) at once instead of 8" in caplog.text
+    assert parallel_images(parse_args([*base, "--mem", "100G"]), cpu) == 8
+    assert parallel_images(parse_args([*base, "--mem", "100G"]), torch.device("cuda")) == 1
+
+
 def test_parse_args_builds_config(dataset, tmp_path):
     cfg = parse_args([str(dataset), str(tmp_path / "out"), "group", "--participant-label",
                       "01", "sub-01", "--nprocs", "2", "-w", str(tmp_path / "w")])
@@ -168,7 +200,9 @@ def test_missing_model(dataset, tmp_path, capsys):
 
 @pytest.mark.parametrize("extra", [["--steps", "0"], ["--nprocs", "-1"], ["--seed", "x"],
                                    ["--omp-nthreads", "0"], ["--device", "tpu"],
-                                   ["--nprocs", "1", "--omp-nthreads", "2"]])
+                                   ["--nprocs", "1", "--omp-nthreads", "2"],
+                                   ["--samples", "0"], ["--mem", "lots"], ["--mem", "2G"],
+                                   ["--mem", "0"]])
 def test_bad_numbers(dataset, tmp_path, capsys, extra):
     _usage_error([str(dataset), str(tmp_path / "o"), "participant", *extra], capsys)
 

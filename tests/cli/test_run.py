@@ -60,11 +60,15 @@ def test_unexpected_error_is_1_with_traceback_in_log(monkeypatch, argv, capsys):
 
 def test_validation_runs_unless_skipped(monkeypatch, argv):
     seen = []
-    monkeypatch.setattr("bids_cadiff.bidsio.query.validate_dataset", lambda d: seen.append(d))
+    monkeypatch.setattr("bids_cadiff.bidsio.query.validate_dataset",
+                        lambda d, **kw: seen.append((d, kw)))
     _fake_participant(monkeypatch, lambda c: 0)
     assert main(argv) == 0 and seen == []
-    assert main([a for a in argv if a != "--skip-bids-validation"]) == 0
-    assert len(seen) == 1
+    validated = [a for a in argv if a != "--skip-bids-validation"]
+    assert main(validated) == 0
+    assert len(seen) == 1 and seen[0][1]["participant_labels"] == ()
+    assert main([*validated, "--participant-label", "01"]) == 0
+    assert seen[1][1]["participant_labels"] == ("01",)  # only the selection is validated
 
 
 def test_invalid_dataset_is_usage_error(monkeypatch, argv, capsys, validator_exe):
