@@ -3,7 +3,9 @@
 Reads ``OUTPUT_DIR/sub-*/[ses-*/]anat/*_desc-cadiff_volumes.tsv`` and writes
 ``OUTPUT_DIR/group/desc-cadiff_volumes.tsv`` (one row per T1w) and its ``.json`` sidecar.
 Columns: ``participant_id``, then ``session_id``, ``acquisition``, ``reconstruction``, ``run``
-(only those some image has), one column per structure abbreviation (mm^3), ``TotalBrain``.
+(only those some image has), one column per structure abbreviation (mm^3), ``TotalBrain``,
+``qc`` (the image's QC status from its dseg sidecar). Unless ``--no-reports``, it also writes
+the group report (``group/desc-cadiff_report.html``, :mod:`bids_cadiff.reports.html`).
 """
 
 from __future__ import annotations
