@@ -47,3 +47,18 @@ class CheckpointError(CadiffError):
         self.path = Path(path)
         self.reason = reason
         super().__init__(f"model checkpoint {self.path}: {reason}")
+
+
+class OutputError(CadiffError):
+    """An output could not be written (full disk, quota, permissions); the image's partial
+    outputs have been removed.
+
+    Args:
+        path: the output folder or file.
+        reason: what went wrong and what to do.
+    """
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"writing {self.path}: {reason}")

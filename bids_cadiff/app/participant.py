@@ -12,6 +12,8 @@ One image failing is logged with its path and reason; the others go on, and the 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import time
@@ -28,7 +30,7 @@ from bids_cadiff import __version__
 from bids_cadiff.bidsio import derivatives as deriv
 from bids_cadiff.bidsio.query import T1wRecord, find_t1w
 from bids_cadiff.config import GB_PER_IMAGE, RunConfig
-from bids_cadiff.errors import CadiffError, CheckpointError, UsageError
+from bids_cadiff.errors import CadiffError, CheckpointError, OutputError, UsageError
 from bids_cadiff.imaging.preprocess import (
     bias_field,
     n4_bias_correct,
@@ -377,6 +379,36 @@ def process_record(
         progress=log.isEnabledFor(logging.INFO), refine=refine, samples=config.samples,
         keep_probabilities=config.save_probabilities,
     )
+    try:
+        return _write_outputs(record, config, loaded, atlas, device, t1, refine, result, start)
+    except OSError as exc:
+        # no output of this image may look finished, or half there: remove them all
+        for path in deriv.image_output_paths(out, entities):
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+        where = exc.filename or out
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OutputError(where, "no space left on the device (or the quota is used up); "
+                              "free space or give another OUTPUT_DIR, then rerun: finished "
+                              "images are kept and this one is redone") from exc
+        raise OutputError(where, f"{exc.strerror or exc}; check that OUTPUT_DIR is writable, "
+                          "then rerun") from exc
+
+
+def _write_outputs(
+    record: T1wRecord,
+    config: RunConfig,
+    loaded: LoadedModel,
+    atlas: AtlasSpec,
+    device: torch.device,
+    t1: nib.Nifti1Image,
+    refine: RefineSettings | None,
+    result: Segmentation,
+    start: float,
+) -> dict[str, float]:
+    """Write every output of one segmented T1w, the sidecar last. Returns the timings."""
+    entities = record.entities
+    out = config.output_dir
     timings = result.timings
     write_start = time.perf_counter()
     table = loaded.metadata.labels
@@ -629,7 +661,13 @@ def run_participant(config: RunConfig) -> int:
         "%d T1w image(s); model %s (%s…), atlas %s, device %s",
         len(records), loaded.metadata.name, loaded.metadata.sha256[:12], atlas.name, device,
     )
-    deriv.init_derivatives(config.output_dir, config.bids_dir, loaded.metadata.labels)
+    try:
+        deriv.init_derivatives(config.output_dir, config.bids_dir, loaded.metadata.labels)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot write to the output folder {config.output_dir} ({exc.strerror or exc}); "
+            "free space there or give another OUTPUT_DIR"
+        ) from exc
     failures: list[tuple[Path, str]] = []
     todo = []
     for record in records:

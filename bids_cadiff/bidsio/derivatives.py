@@ -289,6 +289,20 @@ def group_report_path(output_dir: str | Path) -> Path:
     return Path(output_dir) / "group" / f"desc-{DESC}_report.html"
 
 
+def image_output_paths(output_dir: str | Path, entities: Mapping[str, Any]) -> list[Path]:
+    """Every file one T1w's participant run may write (the sidecar, its finished mark, last)."""
+    maps = [uncertainty_path(output_dir, entities), probseg_path(output_dir, entities)]
+    return [
+        dseg_path(output_dir, entities),
+        *maps,
+        *(image_sidecar_path(m) for m in maps),
+        volumes_path(output_dir, entities),
+        qc_table_path(output_dir, entities),
+        *(figure_path(output_dir, entities, kind) for kind in FIGURE_KINDS),
+        dseg_sidecar_path(output_dir, entities),
+    ]
+
+
 def find_dseg_sidecars(output_dir: str | Path, subject: str | None = None) -> list[Path]:
     """Sidecars of finished label maps (of one subject, or all), sorted."""
     root = Path(output_dir)

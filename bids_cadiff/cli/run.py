@@ -73,8 +73,16 @@ def record_config(config: RunConfig) -> None:
     from bids_cadiff.bidsio.derivatives import config_path
     from bids_cadiff.io.atomic import atomic_write
 
+    from bids_cadiff.errors import UsageError
+
     run_id = f"{datetime.now():%Y%m%d-%H%M%S}_{uuid.uuid4().hex[:8]}"
-    path = atomic_write(config_path(config.output_dir, run_id), config.to_toml())
+    try:
+        path = atomic_write(config_path(config.output_dir, run_id), config.to_toml())
+    except OSError as exc:
+        raise UsageError(
+            f"cannot write to the output folder {config.output_dir} ({exc.strerror or exc}); "
+            "free space there or give another OUTPUT_DIR"
+        ) from exc
     logger.info("configuration recorded in %s", path)
 
 
