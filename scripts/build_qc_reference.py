@@ -155,23 +155,13 @@ def build(args: argparse.Namespace) -> int:
 def app_rows(path: Path, temperature: float) -> tuple[list[dict], float, float, bool]:
     """The QC rows the app computes for one calibration run (``scripts/calibration.py run``),
     at ``temperature``; also its mean brain uncertainty, registration NCC and kind."""
-    from bids_cadiff.inference.posterior import temper
-    from bids_cadiff.labels import SYNTHSEG32
-    from bids_cadiff.qc.structures import structure_rows
+    from calibration import app_rows as rows_of, load_run  # scripts/ is on the path
 
-    with np.load(path) as data:
-        shape = tuple(int(n) for n in data["shape"])
-        p = temper(data["probabilities"].astype(np.float32).T / 255, temperature)
-        labels = np.zeros(int(np.prod(shape)), np.int16)
-        unc = np.zeros(int(np.prod(shape)), np.float32)
-        labels[data["index"]] = p.argmax(axis=0)
-        unc[data["index"]] = 1 - p.max(axis=0)
-        values = SYNTHSEG32.index_to_value(labels.reshape(shape))
-        rows = structure_rows(values, unc.reshape(shape), SYNTHSEG32,
-                              float(np.prod(data["zooms"])))
-        brain = values > 0
-        return (rows, float(unc.reshape(shape)[brain].mean()), float(data["registration_ncc"]),
-                bool(data["brain_only"]))
+    from bids_cadiff.labels import SYNTHSEG32
+
+    item = load_run(path)
+    rows, _, brain_unc = rows_of(item, temperature, SYNTHSEG32)
+    return rows, brain_unc, float(item["registration_ncc"]), bool(item["brain_only"])
 
 
 def check(reference, runs: Path, train: list[str], temperature: float) -> None:  # noqa: ANN001

@@ -162,16 +162,15 @@ def registration(args: argparse.Namespace) -> int:
 
 
 def _tempered(p: np.ndarray, temperature: float) -> np.ndarray:
-    """``(n, C)`` probabilities ∝ p^(1/T)."""
-    if temperature == 1.0:
-        return p
-    logp = np.log(np.clip(p, 1e-6, None)) / temperature
-    logp -= logp.max(axis=1, keepdims=True)
-    q = np.exp(logp)
-    return q / q.sum(axis=1, keepdims=True)
+    """``(n, C)`` probabilities ∝ p^(1/T), exactly as the app tempers its ``(C, n)`` ones
+    (:func:`bids_cadiff.inference.posterior.temper`)."""
+    from bids_cadiff.inference.posterior import temper
+
+    return temper(p.T, temperature).T
 
 
-def _load(path: Path) -> dict:
+def load_run(path: Path) -> dict:
+    """A run of ``run``, its probabilities as float ``p`` ``(n, C)``."""
     with np.load(path) as data:
         out = {k: data[k] for k in data.files}
     out["p"] = out.pop("probabilities").astype(np.float32) / 255.0
@@ -218,26 +217,34 @@ def _fit_temperature(items: list[dict]) -> float:
     return float(grid[int(np.argmin(losses))])
 
 
-def _structures(item: dict, temperature: float, table) -> list[dict]:  # noqa: ANN001
-    """QC rows (as the app writes them) plus Dice against the reference."""
+def app_rows(item: dict, temperature: float, table) -> tuple[list[dict], np.ndarray, float]:  # noqa: ANN001
+    """The QC rows the app writes for a run at ``temperature``, its channel labels on the
+    full grid, and its mean brain uncertainty."""
     from bids_cadiff.qc.structures import structure_rows
 
     p = _tempered(item["p"], temperature)
     shape = tuple(int(n) for n in item["shape"])
     labels = np.zeros(int(np.prod(shape)), dtype=np.int16)
     unc = np.zeros(int(np.prod(shape)), dtype=np.float32)
-    truth = np.zeros(int(np.prod(shape)), dtype=np.int16)
     labels[item["index"]] = p.argmax(axis=1)
     unc[item["index"]] = 1.0 - p.max(axis=1)
+    labels, unc = labels.reshape(shape), unc.reshape(shape)
+    values = table.index_to_value(labels)
+    rows = structure_rows(values, unc, table, float(np.prod(item["zooms"])))
+    return rows, labels, float(unc[values > 0].mean())
+
+
+def _structures(item: dict, temperature: float, table) -> tuple[list[dict], float]:  # noqa: ANN001
+    """:func:`app_rows` plus each structure's Dice against the reference."""
+    rows, labels, brain_unc = app_rows(item, temperature, table)
+    truth = np.zeros(labels.size, dtype=np.int16)
     truth[item["index"]] = item["truth"]
-    values = table.index_to_value(labels.reshape(shape))
-    rows = structure_rows(values, unc.reshape(shape), table, float(np.prod(item["zooms"])))
-    labels, truth = labels.reshape(shape), truth.reshape(shape)
+    truth = truth.reshape(labels.shape)
     for idx, row in enumerate(rows, start=1):
         a, b = labels == idx, truth == idx
         denom = a.sum() + b.sum()
         row["dice"] = float(2 * (a & b).sum() / denom) if denom else float("nan")
-    return rows, float(unc.reshape(shape)[values > 0].mean())
+    return rows, brain_unc
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> float:
@@ -304,7 +311,7 @@ def summarise(args: argparse.Namespace) -> int:
     rank_u, rank_e = [], []
     for fold_dir, tests in args.fold:
         test = [s for s in tests.split(",") if s]
-        items = {p.stem: _load(p) for p in sorted(Path(fold_dir).glob("sub-*.npz"))}
+        items = {p.stem: load_run(p) for p in sorted(Path(fold_dir).glob("sub-*.npz"))}
         train = [s for s in items if s not in test]
         missing = [s for s in test if s not in items]
         if missing:

@@ -23,7 +23,9 @@ def small_disk(tmp_path):
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode})")
     yield mount
-    subprocess.run(["umount", str(mount)], capture_output=True, timeout=30)
+    # lazily: a writer that failed may still hold its (deleted) file open until the traceback
+    # that references it is collected
+    subprocess.run(["umount", "--lazy", str(mount)], capture_output=True, timeout=30)
 
 
 @pytest.mark.slow
