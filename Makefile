@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO ?= demo
 
-.PHONY: demo test test-fast install clean calibration
+.PHONY: demo test test-fast install clean calibration default-model default-model-folds
 
 install: $(STAMP)
 
@@ -42,6 +42,26 @@ calibration: $(STAMP)
 	$(PY) scripts/calibration.py store --summary artifacts/calibration/summary.json --fold fold1 --model bids_cadiff/data/cadiff-default.pt
 	$(PY) scripts/build_qc_reference.py maps --out work/qc/maps.tsv
 	$(PY) scripts/build_qc_reference.py build --maps work/qc/maps.tsv --calibration artifacts/calibration/summary.json --fold fold1 --runs work/calibration/fold1
+
+# The bundled default model (configs/default_model.toml), trained by cadiff-train on the seven fstd
+# subjects and the 59 SynthSeg label maps of ../shared/data (artifacts/default_model_v2/README.md).
+# Every run resumes where it stopped (--resume auto); registrations are cached in the work dir.
+# default-model-folds: the three cross-validation folds (test subjects left out of everything;
+# the validation subject is the highest-numbered training subject, fixed before any result).
+V2 := work/default_model_v2
+TRAIN := $(VENV)/bin/cadiff-train work/shared_bids/bids work/shared_bids/labels
+TRAIN_OPTS := --config configs/default_model.toml --synth-label-maps work/shared_bids/label_maps \
+	-w $(V2)/work --resume auto --nthreads 2
+work/shared_bids/labels/dataset_description.json: $(STAMP) scripts/shared_data_to_bids.py
+	$(PY) scripts/shared_data_to_bids.py work/shared_bids
+
+default-model-folds: work/shared_bids/labels/dataset_description.json
+	$(TRAIN) $(V2)/fold1 $(TRAIN_OPTS) --participant-label 03 04 05 06 07 --val-participants 07
+	$(TRAIN) $(V2)/fold2 $(TRAIN_OPTS) --participant-label 01 02 05 06 07 --val-participants 07
+	$(TRAIN) $(V2)/fold3 $(TRAIN_OPTS) --participant-label 01 02 03 04 --val-participants 04
+
+default-model: work/shared_bids/labels/dataset_description.json
+	$(TRAIN) $(V2)/final $(TRAIN_OPTS)
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -39,7 +39,7 @@ from bids_cadiff.imaging.preprocess import (
     to_ras,
 )
 from bids_cadiff.inference.checkpoint import LoadedModel, load_checkpoint
-from bids_cadiff.inference.predict import predict_volume, resolve_device
+from bids_cadiff.inference.predict import brain_box, predict_volume, resolve_device
 from bids_cadiff.inference.refine import RefineSettings
 from bids_cadiff.inference.posterior import PROBABILITY_SCALE, GridPosterior
 from bids_cadiff.inference.resample import field_to_grid, posterior_on_grid
@@ -55,8 +55,6 @@ log = logging.getLogger(__name__)
 
 #: The bundled default model (package data).
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "data" / "cadiff-default.pt"
-#: Voxels of context kept around the brain's bounding box for inference.
-CROP_MARGIN = 6
 
 
 @dataclass
@@ -206,23 +204,6 @@ def labels_on_t1w_grid(
     :func:`posterior_on_t1w_grid`."""
     intensity = corrected_intensity(t1, prepared) if refine is not None else None
     return posterior_on_t1w_grid(t1, probs, crop_affine, refine, intensity).labels
-
-
-def brain_box(distance: np.ndarray, margin: int = CROP_MARGIN) -> tuple[slice, ...]:
-    """Bounding box (with margin) of the voxels the distance field covers.
-
-    Args:
-        distance: ``(3, X, Y, Z)``.
-
-    Returns:
-        three slices; the whole volume when the field is empty.
-    """
-    covered = np.argwhere(distance.any(axis=0))
-    if len(covered) == 0:
-        return tuple(slice(0, n) for n in distance.shape[1:])
-    lo = np.maximum(covered.min(0) - margin, 0)
-    hi = np.minimum(covered.max(0) + margin + 1, distance.shape[1:])
-    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 
 def segment_prepared(

@@ -7,6 +7,13 @@ A recipe (:class:`TrainConfig`) has four TOML tables, each optional in a file::
     [model]      ModelConfig fields except num_classes (from the label table)
     [diffusion]  DiffusionConfig fields
     [training]   LoopSettings fields (patch_size, batch_size, lr, iterations, ...)
+    [sampling]   SamplingSettings fields (mode "patches", the paper's, or "mixed": real and
+                 synthesised images, class balance, registration jitter; see
+                 :mod:`bids_cadiff.training.sampler`)
+
+``data.synth_label_maps`` adds label maps without images (SynthSeg's training maps, for
+example): each is registered to the atlas once, and with ``sampling.mode = "mixed"`` training
+synthesises images from it. The bundled default model's recipe is ``configs/default_model.toml``.
 
 ``configs/*.toml`` holds the paper's recipe and its ablations; the command line overrides any
 value. The resolved recipe is written to ``OUTPUT_DIR/train_config.toml`` beside the checkpoint
@@ -42,6 +49,7 @@ from bids_cadiff.labels import ASEG_MERGE, SYNTHSEG32, LabelTable
 from bids_cadiff.models.config import DiffusionConfig, ModelConfig
 from bids_cadiff.training.loop import LoopSettings, TrainResult, latest_checkpoint
 from bids_cadiff.training.prepare import REGISTRATION_MODES
+from bids_cadiff.training.sampler import SamplingSettings
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +57,12 @@ __all__ = [
     "DataSettings",
     "TrainConfig",
     "TrainingPair",
+    "find_label_maps",
     "find_training_pairs",
     "load_recipe",
     "merge_recipes",
     "prepare_items",
+    "prepare_label_map_items",
     "resolve_labels",
     "run_training",
     "split_participants",
@@ -82,6 +92,14 @@ class DataSettings:
         registration: ``"syn"`` (app default), ``"affine"`` or ``"none"`` (identity; tests).
         voxel_size: model grid (mm).
         normalization: intensity normalisation (``{"method": "percentile", "lower", "upper"}``).
+        synth_label_maps: folder of label maps without images (``*.nii[.gz]``, ``*.mgz``;
+            FreeSurfer values) to synthesise training images from; ``None``: none.
+        split_midline_maps: file-name patterns (``fnmatch``) of maps in ``synth_label_maps``
+            whose hemispheres both carry left codes; their right side gets right codes.
+        synthetic_csf_to_background: the label maps' CSF (24: SynthSeg's maps label all the
+            extra-cerebral CSF with it) is background in their targets and in the label
+            prior, aseg's convention (a small region there).
+        max_synth_label_maps: use only the first N maps (sorted by name; 0: all).
     """
 
     bids_dir: Path | None = None
@@ -99,8 +117,14 @@ class DataSettings:
     normalization: Mapping[str, Any] = field(
         default_factory=lambda: {"method": "percentile", "lower": 0.5, "upper": 99.5}
     )
+    synth_label_maps: Path | None = None
+    split_midline_maps: tuple[str, ...] = ()
+    synthetic_csf_to_background: bool = True
+    max_synth_label_maps: int = 0
 
     def __post_init__(self) -> None:
+        if self.max_synth_label_maps < 0:
+            raise ValueError(f"max_synth_label_maps must be >= 0, got {self.max_synth_label_maps}")
         if self.registration not in REGISTRATION_MODES:
             raise ValueError(
                 f"registration must be one of {REGISTRATION_MODES}, got {self.registration!r}"
@@ -120,6 +144,7 @@ class TrainConfig:
     diffusion: DiffusionConfig
     training: LoopSettings
     name: str = "cadiff"
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
 
     def to_dict(self) -> dict[str, Any]:
         """TOML-able form (``None`` dropped, paths as strings, tuples as lists)."""
@@ -142,6 +167,7 @@ class TrainConfig:
             "model": plain(model),
             "diffusion": self.diffusion.to_dict(),
             "training": {k: v for k, v in plain(self.training.to_dict()).items() if v is not None},
+            "sampling": self.sampling.to_dict(),
         }
 
     def to_toml(self) -> str:
@@ -154,18 +180,18 @@ class TrainConfig:
         ``training.patch_size`` and ``training.batch_size`` default to the paper's values for
         ``model.spatial_dims``; ``training.spatial_dims`` always follows the model.
         """
-        unknown = set(recipe) - {"name", "data", "model", "diffusion", "training"}
+        unknown = set(recipe) - {"name", "data", "model", "diffusion", "training", "sampling"}
         if unknown:
             raise UsageError(
                 f"unknown recipe tables/keys {sorted(unknown)}; use name, [data], [model], "
-                "[diffusion] and [training]"
+                "[diffusion], [training] and [sampling]"
             )
         data = dict(recipe.get("data") or {})
         _check_keys("data", data, DataSettings)
-        for key in ("bids_dir", "labels_dir", "output_dir", "work_dir", "atlas"):
+        for key in ("bids_dir", "labels_dir", "output_dir", "work_dir", "atlas", "synth_label_maps"):
             if data.get(key) is not None:
                 data[key] = Path(data[key])
-        for key in ("participant_labels", "val_participants"):
+        for key in ("participant_labels", "val_participants", "split_midline_maps"):
             if key in data:
                 data[key] = tuple(str(v) for v in data[key])
         if "voxel_size" in data:
@@ -179,6 +205,8 @@ class TrainConfig:
         _check_keys("diffusion", diffusion, DiffusionConfig)
         training = dict(recipe.get("training") or {})
         _check_keys("training", training, LoopSettings)
+        sampling = dict(recipe.get("sampling") or {})
+        _check_keys("sampling", sampling, SamplingSettings)
         try:
             model_config = ModelConfig.from_dict(model)
             dims = model_config.spatial_dims
@@ -193,6 +221,7 @@ class TrainConfig:
                 diffusion=DiffusionConfig.from_dict(diffusion),
                 training=LoopSettings(**training),
                 name=str(recipe.get("name", "cadiff")),
+                sampling=SamplingSettings(**sampling),
             )
         except (TypeError, ValueError) as exc:
             raise UsageError(f"invalid training recipe: {exc}") from None
@@ -261,11 +290,13 @@ def resolve_labels(spec: str, labels_dir: Path | None) -> tuple[LabelTable, dict
 
 @dataclass(frozen=True)
 class TrainingPair:
-    """A T1w and its label map. ``entities``: the T1w's (``subject``, ``session``, ...)."""
+    """A T1w and its label map (and brain mask, if the labels dataset has one).
+    ``entities``: the T1w's (``subject``, ``session``, ...)."""
 
     t1w: Path
     dseg: Path
     entities: Mapping[str, str]
+    mask: Path | None = None
 
     @property
     def subject(self) -> str:
@@ -286,7 +317,8 @@ def find_training_pairs(
     """Pair each selected T1w with the one ``*_dseg`` of the same entities.
 
     T1w images without a label map are left out (logged); several label maps for one T1w are
-    an error unless ``labels_desc`` picks one.
+    an error unless ``labels_desc`` picks one. A ``*_desc-brain_mask.nii[.gz]`` with the same
+    entities (sMRIPrep's name) is the brain mask of the skull-stripped training input.
 
     Raises:
         UsageError: no pair at all, or ambiguous label maps.
@@ -296,6 +328,11 @@ def find_training_pairs(
 
     records = find_t1w(bids_dir, participant_labels=participant_labels)
     by_key: dict[tuple[tuple[str, str], ...], list[Path]] = {}
+    masks: dict[tuple[tuple[str, str], ...], Path] = {}
+    for path in sorted(Path(labels_dir).rglob("*_desc-brain_mask.nii*")):
+        parsed = parse_bids_name(path)
+        if parsed is not None and not any(p.startswith(".") for p in path.relative_to(labels_dir).parts):
+            masks[parsed.key()] = path
     for path in sorted(Path(labels_dir).rglob("*_dseg.nii*")):
         rel = path.relative_to(labels_dir).parts
         if any(p.startswith(".") for p in rel):
@@ -318,7 +355,8 @@ def find_training_pairs(
                 f"{record.path.name} has {len(found)} label maps in {labels_dir} "
                 f"({', '.join(p.name for p in found)}); choose one with --labels-desc"
             )
-        pairs.append(TrainingPair(record.path, found[0], dict(record.entities)))
+        mask = masks.get(parsed.key()) if parsed is not None else None
+        pairs.append(TrainingPair(record.path, found[0], dict(record.entities), mask))
     if missing:
         logger.warning("%d T1w image(s) without a label map, left out: %s", len(missing),
                        ", ".join(missing))
@@ -378,6 +416,16 @@ def _label_prior(items: Sequence["TrainingItem"], model: ModelConfig) -> np.ndar
     return probs
 
 
+def _prepare_settings(config: TrainConfig, atlas: Any) -> Any:
+    """The :class:`~bids_cadiff.training.prepare.PrepareSettings` of a recipe."""
+    from bids_cadiff.training.prepare import PrepareSettings
+
+    return PrepareSettings(
+        atlas=atlas, voxel_size=config.data.voxel_size,
+        normalization=dict(config.data.normalization), registration=config.data.registration,
+    )
+
+
 def prepare_items(
     pairs: Sequence[TrainingPair],
     *,
@@ -399,21 +447,15 @@ def prepare_items(
 
     from bids_cadiff.app.participant import prepare_image
     from bids_cadiff.training.data import TrainingItem
-    from bids_cadiff.training.prepare import (
-        PrepareSettings,
-        labels_to_index,
-        prepare_training_image,
-    )
+    from bids_cadiff.training.prepare import labels_to_index, prepare_training_image
 
-    settings = PrepareSettings(
-        atlas=atlas, voxel_size=config.data.voxel_size,
-        normalization=dict(config.data.normalization), registration=config.data.registration,
-    )
+    settings = _prepare_settings(config, atlas)
     mine = [p for i, p in enumerate(pairs) if i % world_size == rank]
     items = []
     for pair in tqdm(mine, desc="preparing", unit="image", disable=rank != 0):
         prepared = prepare_training_image(
-            pair.t1w, pair.dseg, settings=settings, work_dir=work_dir, prepare_fn=prepare_image
+            pair.t1w, pair.dseg, settings=settings, work_dir=work_dir, prepare_fn=prepare_image,
+            mask_path=pair.mask,
         )
         assert prepared.label_values is not None
         labels = labels_to_index(prepared.label_values, table, merge, prepared.affine)
@@ -422,7 +464,73 @@ def prepare_items(
                 pair.dseg, "holds none of the label table's structures on the model grid; check "
                 "--labels (and that the label map belongs to this T1w)"
             )
-        items.append(TrainingItem(pair.name, prepared.image, prepared.distance, labels, prepared.affine))
+        items.append(TrainingItem(
+            pair.name, prepared.image, prepared.distance, labels, prepared.affine,
+            values=prepared.label_values, mask=prepared.mask, image_brain=prepared.image_brain,
+        ))
+    return items
+
+
+def find_label_maps(folder: Path, limit: int = 0) -> list[Path]:
+    """The label maps of ``data.synth_label_maps`` (sorted by name; the first ``limit``).
+
+    Raises:
+        UsageError: the folder holds no label map.
+    """
+    maps = sorted(
+        p for p in Path(folder).iterdir()
+        if p.is_file() and p.name.endswith((".nii", ".nii.gz", ".mgz")) and not p.name.startswith(".")
+    )
+    if not maps:
+        raise UsageError(
+            f"synth_label_maps {folder} holds no label map (*.nii, *.nii.gz or *.mgz with "
+            "FreeSurfer values)"
+        )
+    return maps[:limit] if limit else maps
+
+
+def prepare_label_map_items(
+    maps: Sequence[Path],
+    *,
+    config: TrainConfig,
+    table: LabelTable,
+    merge: Mapping[int, int],
+    atlas: Any,
+    work_dir: Path,
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[Any]:
+    """:class:`~bids_cadiff.training.data.TrainingItem` (``real=False``) of label maps without
+    images (cached on disk as :func:`prepare_items`; shared out under DDP the same way)."""
+    from fnmatch import fnmatch
+
+    from tqdm import tqdm
+
+    from bids_cadiff.app.participant import prepare_image
+    from bids_cadiff.training.data import TrainingItem
+    from bids_cadiff.training.prepare import labels_to_index, prepare_label_map
+    from bids_cadiff.training.synth import CSF_VALUE
+
+    data = config.data
+    settings = _prepare_settings(config, atlas)
+    csf = table.value_to_index(np.array([CSF_VALUE]))[0] if CSF_VALUE in table.values else 0
+    items = []
+    mine = [m for i, m in enumerate(maps) if i % world_size == rank]
+    for path in tqdm(mine, desc="preparing label maps", unit="map", disable=rank != 0):
+        split = any(fnmatch(path.name, pattern) for pattern in data.split_midline_maps)
+        prepared = prepare_label_map(path, settings=settings, work_dir=work_dir,
+                                     prepare_fn=prepare_image, split_midline=split)
+        assert prepared.label_values is not None
+        labels = labels_to_index(prepared.label_values, table, merge, prepared.affine)
+        if data.synthetic_csf_to_background and csf:
+            labels[labels == csf] = 0
+        if not labels.any():
+            raise InputError(path, "holds none of the label table's structures; check --labels")
+        name = path.name.split(".")[0]
+        items.append(TrainingItem(
+            f"map-{name}", prepared.image, prepared.distance, labels, prepared.affine,
+            values=prepared.label_values, mask=prepared.mask, real=False,
+        ))
     return items
 
 
@@ -507,15 +615,27 @@ def run_training(
             _log_unknown_values(data.labels_dir, table, merge)
             output_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(output_dir / CONFIG_NAME, config.to_toml())
+        maps = (find_label_maps(data.synth_label_maps, data.max_synth_label_maps)
+                if data.synth_label_maps is not None else [])
         if ctx.distributed:  # share out the registrations, then everyone reads the cache
             prepare_items(pairs, config=config, table=table, merge=merge, atlas=atlas,
                           work_dir=work_dir, rank=ctx.rank, world_size=ctx.world_size)
+            prepare_label_map_items(maps, config=config, table=table, merge=merge, atlas=atlas,
+                                    work_dir=work_dir, rank=ctx.rank, world_size=ctx.world_size)
             barrier(ctx)
         items = prepare_items(pairs, config=config, table=table, merge=merge, atlas=atlas,
                               work_dir=work_dir)
         by_pair = dict(zip([p.name for p in pairs], pairs))
         train_items = [it for it in items if by_pair[it.name].subject in train_subjects]
         val_items = [it for it in items if by_pair[it.name].subject in val_subjects]
+        if maps:
+            train_items += prepare_label_map_items(
+                maps, config=config, table=table, merge=merge, atlas=atlas, work_dir=work_dir)
+            logger.info("%d label map(s) without images added for synthesis", len(maps))
+            if config.sampling.mode != "mixed":
+                logger.warning("sampling mode %r trains on real images only; the label maps "
+                               "enter only the label prior (use sampling.mode = \"mixed\")",
+                               config.sampling.mode)
         torch.manual_seed(config.training.seed)
         model = CADiff(config.model, config.diffusion)
         if config.model.label_prior_bins:
@@ -544,6 +664,7 @@ def run_training(
         return train(
             model, train_items, settings=config.training, metadata=metadata,
             output_dir=output_dir, ctx=ctx, val_items=val_items, resume=resume, progress=progress,
+            sampling=config.sampling,
         )
     finally:
         if own_context:

@@ -40,6 +40,9 @@ RECIPE_OPTIONS: dict[str, tuple[str, str]] = {
     "atlas": ("data", "atlas"),
     "registration": ("data", "registration"),
     "voxel_size": ("data", "voxel_size"),
+    "synth_label_maps": ("data", "synth_label_maps"),
+    "sampling_mode": ("sampling", "mode"),
+    "field_jitter": ("sampling", "field_jitter"),
     "spatial_dims": ("model", "spatial_dims"),
     "mode": ("model", "mode"),
     "taca": ("model", "taca"),
@@ -67,6 +70,7 @@ RECIPE_OPTIONS: dict[str, tuple[str, str]] = {
     "workers": ("training", "workers"),
     "augment": ("training", "augment"),
     "slice_axis": ("training", "slice_axis"),
+    "time_limit": ("training", "time_limit"),
 }
 
 
@@ -82,6 +86,27 @@ def _resume(value: str) -> str | Path:
             f"--resume {value}: no such checkpoint; pass OUTPUT_DIR/checkpoints/iter-*.pt or 'auto'"
         )
     return Path(os.path.abspath(path))
+
+
+def _duration(value: str) -> float:
+    """Seconds of ``90``, ``90s``, ``45m``, ``7.5h`` or ``HH:MM:SS`` (SLURM's form)."""
+    text = value.strip().lower()
+    try:
+        if ":" in text:
+            parts = [float(p) for p in text.split(":")]
+            if len(parts) > 3:
+                raise ValueError
+            seconds = sum(p * 60**i for i, p in enumerate(reversed(parts)))
+        else:
+            unit = {"s": 1, "m": 60, "h": 3600}.get(text[-1:], 0)
+            seconds = float(text[:-1]) * unit if unit else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--time-limit {value!r} is not a duration (examples: 90s, 45m, 7.5h, 02:30:00)"
+        ) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"--time-limit must be > 0, got {value!r}")
+    return seconds
 
 
 def _label(value: str) -> str:
@@ -140,6 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="atlas registration: syn (default), affine, none (identity; tests)")
     data.add_argument("--voxel-size", nargs="+", type=positive(float, "--voxel-size"),
                       metavar="MM", help="model grid in mm: one value or three (default 1)")
+    data.add_argument("--synth-label-maps", type=existing_dir("--synth-label-maps"), metavar="DIR",
+                      help="label maps without images (FreeSurfer values) to synthesise training "
+                      "images from (with --sampling mixed)")
+    data.add_argument("--sampling", dest="sampling_mode", choices=("patches", "mixed"),
+                      help="patches: real images, MONAI augmentation (the paper; default); "
+                      "mixed: real and synthesised images, class balance, skull on and off")
+    data.add_argument("--field-jitter", type=positive(float, "--field-jitter", zero=True),
+                      metavar="VOXELS", help="registration jitter: smooth random displacement "
+                      "of the distance field alone, in voxels (mixed sampling; 0: none)")
 
     model = parser.add_argument_group("model (ablation switches)")
     model.add_argument("--spatial-dims", type=int, choices=(2, 3),
@@ -191,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="DataLoader worker processes (default 0)")
     opt.add_argument("--no-augment", dest="augment", action="store_false")
     opt.add_argument("--slice-axis", type=int, choices=(0, 1, 2), help="2D: slice axis (2 axial)")
+    opt.add_argument("--time-limit", type=_duration, metavar="DURATION",
+                     help="stop cleanly with a checkpoint after this long (e.g. 90s, 45m, 7.5h, "
+                     "02:30:00); continue later with --resume auto")
     return parser
 
 

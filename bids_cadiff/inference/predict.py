@@ -13,12 +13,34 @@ import logging
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
 from bids_cadiff.models.diffusion import CADiff
 
 log = logging.getLogger(__name__)
+
+#: Voxels of context kept around the brain's bounding box for inference.
+CROP_MARGIN = 6
+
+
+def brain_box(distance: np.ndarray, margin: int = CROP_MARGIN) -> tuple[slice, ...]:
+    """Bounding box (with margin) of the voxels the distance field covers: where the app
+    runs the network (outside it every voxel is background).
+
+    Args:
+        distance: ``(3, X, Y, Z)``.
+
+    Returns:
+        three slices; the whole volume when the field is empty.
+    """
+    covered = np.argwhere(distance.any(axis=0))
+    if len(covered) == 0:
+        return tuple(slice(0, n) for n in distance.shape[1:])
+    lo = np.maximum(covered.min(0) - margin, 0)
+    hi = np.minimum(covered.max(0) + margin + 1, distance.shape[1:])
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 
 def resolve_device(device: str) -> torch.device:

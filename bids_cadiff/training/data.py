@@ -62,6 +62,13 @@ class TrainingItem:
         distance: ``(3, X, Y, Z)`` float32 in [0, 1].
         labels: ``(X, Y, Z)`` int16 channel indices.
         affine: ``(4, 4)`` model-grid affine.
+        values: optional ``(X, Y, Z)`` int label values of the source map (synthesis draws
+            one intensity per value, extra-cerebral values included).
+        mask: optional ``(X, Y, Z)`` bool brain mask.
+        image_brain: optional ``(X, Y, Z)`` float32 skull-stripped input (the app's
+            normalisation of the image inside ``mask``).
+        real: ``False``: ``image`` is not a real T1w (a label map's stand-in), so only images
+            synthesised from ``values`` are trained on.
     """
 
     name: str
@@ -69,6 +76,10 @@ class TrainingItem:
     distance: np.ndarray
     labels: np.ndarray
     affine: np.ndarray
+    values: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    image_brain: np.ndarray | None = None
+    real: bool = True
 
     def __post_init__(self) -> None:
         if self.image.shape != self.labels.shape or self.distance.shape != (3, *self.image.shape):

@@ -47,11 +47,12 @@ import torch
 from tqdm import tqdm
 
 from bids_cadiff.inference.checkpoint import ModelMetadata, load_checkpoint, save_checkpoint
-from bids_cadiff.inference.predict import predict_volume
+from bids_cadiff.inference.predict import brain_box, predict_volume
 from bids_cadiff.io.atomic import atomic_path
 from bids_cadiff.models.diffusion import CADiff
 from bids_cadiff.training.data import PatchDataset, TrainingItem
 from bids_cadiff.training.ddp import DistributedContext, barrier, wrap_model
+from bids_cadiff.training.sampler import MixedPatchDataset, SamplingSettings
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +103,9 @@ class LoopSettings:
         grad_clip: clip the gradient norm to this (0: off).
         amp: bfloat16/float16 autocast on CUDA (ignored on CPU).
         deterministic: ask cuDNN for deterministic kernels (slower on GPU).
+        time_limit: stop cleanly after this many seconds of this call (0: no limit): a
+            checkpoint at the iteration reached, then ``model.pt`` from it; resuming continues
+            the same schedule (a job scheduler's wall time, a GPU budget).
     """
 
     spatial_dims: int = 3
@@ -125,6 +129,7 @@ class LoopSettings:
     grad_clip: float = 1.0
     amp: bool = True
     deterministic: bool = False
+    time_limit: float = 0.0
 
     def __post_init__(self) -> None:
         if self.spatial_dims not in (2, 3):
@@ -136,8 +141,8 @@ class LoopSettings:
         for name in ("batch_size", "iterations", "checkpoint_every", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("val_every", "keep_checkpoints", "workers", "warmup"):
-            if int(getattr(self, name)) < 0:
+        for name in ("val_every", "keep_checkpoints", "workers", "warmup", "time_limit"):
+            if float(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
@@ -162,6 +167,7 @@ class TrainResult:
         checkpoint: the final checkpoint (``model.pt``); ``None`` on ranks other than 0.
         val_dice: last mean validation Dice (NaN if never validated).
         seconds: wall time of this call.
+        stopped_early: the time limit ended the call before ``iterations``.
     """
 
     model: CADiff
@@ -170,6 +176,7 @@ class TrainResult:
     val_dice: float = math.nan
     seconds: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
+    stopped_early: bool = False
 
 
 # --------------------------------------------------------------------------- file names
@@ -261,11 +268,17 @@ def _lr_lambda(settings: LoopSettings):  # noqa: ANN202 - returns a callable for
     return factor
 
 
-def _guard(model: CADiff, settings: LoopSettings, items: Sequence[TrainingItem], world: int) -> dict[str, Any]:
+def _guard(
+    model: CADiff,
+    settings: LoopSettings,
+    items: Sequence[TrainingItem],
+    world: int,
+    sampling: SamplingSettings,
+) -> dict[str, Any]:
     """What must not change between an interrupted run and its resumption."""
     loop = settings.to_dict()
     for free in ("iterations", "val_every", "checkpoint_every", "keep_checkpoints", "log_every",
-                 "workers", "val_steps", "val_overlap", "amp", "deterministic"):
+                 "workers", "val_steps", "val_overlap", "amp", "deterministic", "time_limit"):
         loop.pop(free)
     if settings.lr_schedule != "constant":
         loop["iterations"] = settings.iterations
@@ -275,6 +288,7 @@ def _guard(model: CADiff, settings: LoopSettings, items: Sequence[TrainingItem],
         "loop": loop,
         "world_size": world,
         "images": [item.name for item in items],
+        "sampling": sampling.to_dict(),
     }
 
 
@@ -380,14 +394,20 @@ def validate(
     settings: LoopSettings,
     device: torch.device,
 ) -> dict[str, float]:
-    """Class-average Dice (foreground structures present in either map) per validation image."""
+    """Class-average Dice (foreground structures present in either map) per validation image.
+
+    3D models run inside the brain's bounding box, as the app does
+    (:func:`~bids_cadiff.inference.predict.brain_box`); voxels outside it are background.
+    """
     steps = settings.val_steps or model.diffusion_config.sampling_steps
     out = {}
     for item in items:
-        pred = predict_indices(
-            model, item.image, item.distance, patch_size=settings.patch_size, steps=steps,
-            seed=settings.seed, device=device, slice_axis=settings.slice_axis,
-            overlap=settings.val_overlap,
+        box = brain_box(item.distance) if settings.spatial_dims == 3 else (slice(None),) * 3
+        pred = np.zeros(item.labels.shape, dtype=np.int16)
+        pred[box] = predict_indices(
+            model, item.image[box], item.distance[(slice(None), *box)],
+            patch_size=settings.patch_size, steps=steps, seed=settings.seed, device=device,
+            slice_axis=settings.slice_axis, overlap=settings.val_overlap,
         )
         out[item.name] = _class_average_dice(pred, item.labels, model.num_classes)
     return out
@@ -499,6 +519,7 @@ def train(
     val_items: Sequence[TrainingItem] = (),
     resume: str | Path | None = None,
     progress: bool = True,
+    sampling: SamplingSettings | None = None,
 ) -> TrainResult:
     """Train ``model`` on random patches of ``items`` (see the module docstring).
 
@@ -514,6 +535,9 @@ def train(
         val_items: held-out images for validation Dice (rank 0 only).
         resume: a checkpoint written by this function (its ``*_state.pt`` beside it).
         progress: tqdm bar on rank 0.
+        sampling: how patches are drawn: ``mode="patches"`` (default): real images with MONAI
+            augmentation (:class:`~bids_cadiff.training.data.PatchDataset`); ``"mixed"``: real
+            and synthesised images (:class:`~bids_cadiff.training.sampler.MixedPatchDataset`).
 
     Returns:
         the trained model and where its final checkpoint is.
@@ -534,7 +558,8 @@ def train(
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(settings))
-    guard = _guard(model, settings, items, ctx.world_size)
+    sampling = sampling or SamplingSettings()
+    guard = _guard(model, settings, items, ctx.world_size, sampling)
     start, seconds_before = 0, 0.0
     if resume is not None:
         resume = Path(resume)
@@ -545,7 +570,10 @@ def train(
                 resume, f"{state_path(resume).name} belongs to another checkpoint (sha256 "
                 f"{state['checkpoint_sha256'][:12]}…, this file {loaded.metadata.sha256[:12]}…)"
             )
-        differences = _diff(state["guard"], _jsonable(guard))
+        saved_guard = dict(state["guard"])
+        if "sampling" not in saved_guard and sampling.mode == "patches":
+            saved_guard["sampling"] = guard["sampling"]  # states from before [sampling] existed
+        differences = _diff(saved_guard, _jsonable(guard))
         if differences:
             raise CheckpointError(
                 resume, "was trained with other settings; resume with the same ones or start a "
@@ -562,10 +590,18 @@ def train(
         logger.warning("already at iteration %d of %d: nothing to train", start, settings.iterations)
     module = wrap_model(model, ctx)
 
-    dataset = PatchDataset(
-        items, spatial_dims=settings.spatial_dims, patch_size=settings.patch_size,
-        seed=settings.seed, rank=ctx.rank, augment=settings.augment, slice_axis=settings.slice_axis,
-    )
+    dataset: torch.utils.data.Dataset
+    if sampling.mode == "mixed":
+        if settings.spatial_dims != 3:
+            raise ValueError("sampling mode 'mixed' draws 3D patches; use spatial_dims 3")
+        dataset = MixedPatchDataset(items, patch_size=settings.patch_size, seed=settings.seed,
+                                    rank=ctx.rank, settings=sampling)
+    else:  # the paper's patches: real images only (label maps without images are prior-only)
+        dataset = PatchDataset(
+            [item for item in items if item.real], spatial_dims=settings.spatial_dims, patch_size=settings.patch_size,
+            seed=settings.seed, rank=ctx.rank, augment=settings.augment,
+            slice_axis=settings.slice_axis,
+        )
     b = settings.batch_size
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=b, sampler=range(start * b, settings.iterations * b),
@@ -587,6 +623,7 @@ def train(
     history: list[dict[str, float]] = []
     iteration = start
     final: Path | None = None
+    stopped = False
     for iteration, batch in zip(range(start, settings.iterations), loader):
         image = batch["image"].to(device, non_blocking=True)
         distance = batch["distance"].to(device, non_blocking=True)
@@ -630,7 +667,8 @@ def train(
                 if writer is not None:
                     writer.add_scalar("val/dice", val_dice, done)
             barrier(ctx)
-        if done % settings.checkpoint_every == 0 or done == settings.iterations:
+        out_of_time = _out_of_time(started, settings.time_limit, ctx)
+        if done % settings.checkpoint_every == 0 or done == settings.iterations or out_of_time:
             if main:
                 final = _save(
                     model, optimizer, scheduler, iteration=done, settings=settings,
@@ -639,6 +677,12 @@ def train(
                 )
             barrier(ctx)
         iteration = done
+        if out_of_time and done < settings.iterations:
+            stopped = True
+            logger.warning(
+                "time limit of %.0f s reached at iteration %d of %d: checkpoint saved; continue "
+                "with --resume auto", settings.time_limit, done, settings.iterations)
+            break
     bar.close()
     if writer is not None:
         writer.close()
@@ -658,5 +702,20 @@ def train(
     model.eval()
     return TrainResult(
         model=model, iteration=iteration, checkpoint=result_path, val_dice=val_dice,
-        seconds=time.perf_counter() - started, history=history,
+        seconds=time.perf_counter() - started, history=history, stopped_early=stopped,
     )
+
+
+def _out_of_time(started: float, limit: float, ctx: DistributedContext) -> bool:
+    """Whether ``limit`` seconds have passed since ``started`` (0: never); under DDP rank 0's
+    clock decides for every rank, so all stop at the same iteration."""
+    if limit <= 0:
+        return False
+    flag = time.perf_counter() - started >= limit
+    if ctx.distributed:
+        import torch.distributed as dist
+
+        tensor = torch.tensor([int(flag)], device=ctx.device)
+        dist.broadcast(tensor, src=0)
+        flag = bool(tensor.item())
+    return flag

@@ -58,13 +58,16 @@ __all__ = [
     "PreparedTrainingImage",
     "default_prepare",
     "file_digest",
+    "brain_mask_from_labels",
     "labels_to_index",
+    "prepare_label_map",
     "prepare_training_image",
+    "skull_stripped_input",
     "split_by_hemisphere",
 ]
 
 #: Bumped whenever preparation changes in a way that invalidates cached arrays.
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 # REGISTRATION_MODES (from the checkpoint format, which records the mode): ``syn``: affine +
 # SyN (the app's default); ``affine``: affine only; ``none``: identity.
 
@@ -113,6 +116,13 @@ class PreparedTrainingImage:
         key: the cache key.
         t1w_path: the source T1w.
         label_path: the source label map (or ``None``).
+        mask: ``(X, Y, Z)`` bool brain mask (the given mask file, else the labelled voxels
+            with holes filled); ``None`` without a label map.
+        image_brain: ``(X, Y, Z)`` float32: the app's input for the skull-stripped image
+            (the N4-corrected image × mask, normalised over the brain); ``None`` without a mask.
+        real: ``False`` for a label map without an image (:func:`prepare_label_map`): ``image``
+            is then only the stand-in the atlas was registered to, and training synthesises
+            images from ``label_values``.
     """
 
     image: np.ndarray
@@ -122,6 +132,9 @@ class PreparedTrainingImage:
     key: str
     t1w_path: Path
     label_path: Path | None = None
+    mask: np.ndarray | None = None
+    image_brain: np.ndarray | None = None
+    real: bool = True
 
 
 #: sha256 of a file's bytes, not cached (training inputs may change).
@@ -135,12 +148,22 @@ def _atlas_digest(atlas: AtlasSpec) -> dict[str, str]:
     return out
 
 
-def cache_key(t1w_path: Path, label_path: Path | None, settings: PrepareSettings) -> str:
-    """The content hash naming a prepared image in the cache."""
+def cache_key(
+    t1w_path: Path | None,
+    label_path: Path | None,
+    settings: PrepareSettings,
+    *,
+    mask_path: Path | None = None,
+    kind: str = "image",
+) -> str:
+    """The content hash naming a prepared image (``kind="image"``) or label map
+    (``kind="label-map"``, no T1w) in the cache."""
     payload = {
         "version": CACHE_VERSION,
-        "t1w": file_digest(t1w_path),
+        "kind": kind,
+        "t1w": file_digest(t1w_path) if t1w_path is not None else None,
         "labels": file_digest(label_path) if label_path is not None else None,
+        "mask": file_digest(mask_path) if mask_path is not None else None,
         "voxel_size": [round(float(v), 6) for v in settings.voxel_size],
         "normalization": dict(settings.normalization),
         "atlas": _atlas_digest(settings.atlas),
@@ -215,9 +238,12 @@ def default_prepare(
 def _save_npz(path: Path, prepared: PreparedTrainingImage) -> None:
     arrays: dict[str, np.ndarray] = {
         "image": prepared.image, "distance": prepared.distance, "affine": prepared.affine,
+        "real": np.array(prepared.real),
     }
-    if prepared.label_values is not None:
-        arrays["label_values"] = prepared.label_values
+    for name in ("label_values", "mask", "image_brain"):
+        value = getattr(prepared, name)
+        if value is not None:
+            arrays[name] = value
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
@@ -226,14 +252,35 @@ def _save_npz(path: Path, prepared: PreparedTrainingImage) -> None:
 def _load_npz(path: Path, key: str, t1w_path: Path, label_path: Path | None) -> PreparedTrainingImage | None:
     try:
         with np.load(path) as data:
-            labels = data["label_values"] if "label_values" in data.files else None
+            def optional(name: str) -> np.ndarray | None:
+                return data[name] if name in data.files else None
+
             return PreparedTrainingImage(
-                image=data["image"], distance=data["distance"], label_values=labels,
-                affine=data["affine"], key=key, t1w_path=t1w_path, label_path=label_path,
+                image=data["image"], distance=data["distance"],
+                label_values=optional("label_values"), affine=data["affine"], key=key,
+                t1w_path=t1w_path, label_path=label_path, mask=optional("mask"),
+                image_brain=optional("image_brain"), real=bool(data["real"]),
             )
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, EOFError) as exc:
         logger.warning("ignoring unreadable cache entry %s (%s); recomputing", path, exc)
         return None
+
+
+def brain_mask_from_labels(values: np.ndarray) -> np.ndarray:
+    """The labelled voxels with holes filled (a brain mask where none is given)."""
+    return ndimage.binary_fill_holes(values > 0)
+
+
+def skull_stripped_input(
+    corrected: np.ndarray, mask: np.ndarray, normalization: Mapping[str, Any]
+) -> np.ndarray:
+    """The app's input for the skull-stripped image: ``corrected × mask`` normalised over its
+    nonzero voxels, exactly as the app normalises a skull-stripped T1w."""
+    stripped = np.asarray(corrected, dtype=np.float32) * mask
+    return normalise_intensity(
+        stripped, lower_percentile=float(normalization.get("lower", 0.5)),
+        upper_percentile=float(normalization.get("upper", 99.5)),
+    ).astype(np.float32)
 
 
 def prepare_training_image(
@@ -243,6 +290,7 @@ def prepare_training_image(
     settings: PrepareSettings,
     work_dir: str | Path,
     prepare_fn: PrepareFn | None = None,
+    mask_path: str | Path | None = None,
 ) -> PreparedTrainingImage:
     """Prepare (or read from the cache) one T1w and its label map on the model grid.
 
@@ -254,6 +302,9 @@ def prepare_training_image(
             ``work_dir/registration``.
         prepare_fn: the app's ``prepare_image`` (see the module docstring); used unless
             ``settings.registration`` is ``"none"``. Default: :func:`default_prepare`.
+        mask_path: a brain mask of the T1w (any grid; e.g. ``*_desc-brain_mask.nii.gz``):
+            the skull-stripped training input is the image inside it. Default: the labelled
+            voxels with holes filled.
 
     Returns:
         the prepared arrays.
@@ -263,7 +314,8 @@ def prepare_training_image(
     """
     t1w_path, work_dir = Path(t1w_path), Path(work_dir)
     label_path = Path(label_path) if label_path is not None else None
-    key = cache_key(t1w_path, label_path, settings)
+    mask_path = Path(mask_path) if mask_path is not None else None
+    key = cache_key(t1w_path, label_path, settings, mask_path=mask_path)
     entry = work_dir / "prepared" / f"{key}.npz"
     if entry.is_file():
         cached = _load_npz(entry, key, t1w_path, label_path)
@@ -272,28 +324,100 @@ def prepare_training_image(
             return cached
     logger.info("%s: preparing (registration: %s)", t1w_path.name, settings.registration)
     t1 = load_t1w(t1w_path)
-    cache_dir = work_dir / "registration"
-    if prepare_fn is None or settings.registration != "syn":
-        image, distance, affine = default_prepare(
-            t1, atlas=settings.atlas, voxel_size=settings.voxel_size,
-            normalization=settings.normalization, cache_dir=cache_dir, image_path=t1w_path,
-            registration=settings.registration,
-        )
-    else:
-        result = prepare_fn(
-            t1, atlas=settings.atlas, voxel_size=settings.voxel_size,
-            normalization=settings.normalization, cache_dir=cache_dir, image_path=t1w_path,
-        )
-        image, distance, affine = result.image, result.distance, np.asarray(result.affine)
-    labels = (
-        load_label_map(label_path, ref_shape=image.shape, ref_affine=affine).values
-        if label_path is not None else None
-    )
+    image, distance, affine, corrected = _prepare_t1(t1, t1w_path, settings, work_dir, prepare_fn)
+    labels = mask = image_brain = None
+    if label_path is not None:
+        labels = load_label_map(label_path, ref_shape=image.shape, ref_affine=affine).values
+        if mask_path is not None:
+            mask = load_label_map(mask_path, ref_shape=image.shape, ref_affine=affine).values > 0
+        else:
+            mask = brain_mask_from_labels(labels)
+        image_brain = skull_stripped_input(corrected, mask, settings.normalization)
     prepared = PreparedTrainingImage(
         image=np.ascontiguousarray(image, dtype=np.float32),
         distance=np.ascontiguousarray(distance, dtype=np.float32),
         label_values=labels, affine=np.asarray(affine, dtype=np.float64), key=key,
-        t1w_path=t1w_path, label_path=label_path,
+        t1w_path=t1w_path, label_path=label_path, mask=mask, image_brain=image_brain,
+    )
+    _save_npz(entry, prepared)
+    return prepared
+
+
+def _prepare_t1(
+    t1: nib.Nifti1Image,
+    image_path: Path,
+    settings: PrepareSettings,
+    work_dir: Path,
+    prepare_fn: PrepareFn | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(image, distance, affine, corrected)`` on the model grid (``corrected``: the
+    N4-corrected intensities before normalisation)."""
+    cache_dir = work_dir / "registration"
+    if prepare_fn is None or settings.registration != "syn":
+        image, distance, affine = default_prepare(
+            t1, atlas=settings.atlas, voxel_size=settings.voxel_size,
+            normalization=settings.normalization, cache_dir=cache_dir, image_path=image_path,
+            registration=settings.registration,
+        )
+        corrected = np.asanyarray(_preprocess(t1, settings).dataobj).astype(np.float32)
+        return image, distance, affine, corrected
+    result = prepare_fn(
+        t1, atlas=settings.atlas, voxel_size=settings.voxel_size,
+        normalization=settings.normalization, cache_dir=cache_dir, image_path=image_path,
+    )
+    corrected = result.corrected if result.corrected is not None else result.image
+    return result.image, result.distance, np.asarray(result.affine), corrected
+
+
+def prepare_label_map(
+    label_path: str | Path,
+    *,
+    settings: PrepareSettings,
+    work_dir: str | Path,
+    prepare_fn: PrepareFn | None = None,
+    split_midline: bool = False,
+) -> PreparedTrainingImage:
+    """Prepare (or read from the cache) a label map that has no image (SynthSeg manner).
+
+    The atlas is registered to a noiseless T1w-like image of the map's brain
+    (:func:`~bids_cadiff.training.synth.mean_t1_image`, extra-cerebral labels dropped: the
+    field matters inside the brain), so the map gets a distance field as a real image would;
+    training then synthesises images from the map's values.
+
+    Args:
+        label_path: the label map (FreeSurfer values, any grid).
+        settings, work_dir, prepare_fn: as :func:`prepare_training_image`.
+        split_midline: the map carries left codes in both hemispheres (older SynthSeg maps):
+            give the right side right codes (:func:`~bids_cadiff.labels.split_left_codes_at_midline`).
+
+    Returns:
+        the prepared map, ``real=False``, ``mask`` the brain labels.
+    """
+    from bids_cadiff.labels import split_left_codes_at_midline
+    from bids_cadiff.training.synth import BRAIN_VALUES, mean_t1_image
+
+    label_path, work_dir = Path(label_path), Path(work_dir)
+    key = cache_key(None, label_path, settings, kind=f"label-map split={split_midline}")
+    entry = work_dir / "prepared" / f"{key}.npz"
+    if entry.is_file():
+        cached = _load_npz(entry, key, label_path, label_path)
+        if cached is not None:
+            return cached
+    logger.info("%s: preparing a label map (registration: %s)", label_path.name, settings.registration)
+    lab_img = to_ras(nib.load(label_path))
+    raw = np.asarray(lab_img.dataobj).astype(np.int32)
+    if split_midline:
+        raw = split_left_codes_at_midline(raw, lab_img.affine)
+    brain = np.isin(raw, sorted(BRAIN_VALUES))
+    stand_in = nib.Nifti1Image(mean_t1_image(np.where(brain, raw, 0)) * 100.0, lab_img.affine)
+    image, distance, affine, _ = _prepare_t1(stand_in, label_path, settings, work_dir, prepare_fn)
+    values = resample_to_reference(raw, lab_img.affine, image.shape, affine, order=0).astype(np.int32)
+    prepared = PreparedTrainingImage(
+        image=np.ascontiguousarray(image, dtype=np.float32),
+        distance=np.ascontiguousarray(distance, dtype=np.float32),
+        label_values=values, affine=np.asarray(affine, dtype=np.float64), key=key,
+        t1w_path=label_path, label_path=label_path, mask=np.isin(values, sorted(BRAIN_VALUES)),
+        real=False,
     )
     _save_npz(entry, prepared)
     return prepared

@@ -1,226 +1,257 @@
-"""Training patches of the default-model recipe: real images and images synthesised from label
-maps (SynthSeg manner), with their distance fields and targets.
+"""Mixed training patches: real images (skull on or off) and images synthesised from label maps
+(SynthSeg manner), with their distance fields and targets; deterministic and resumable.
 
-Items are prepared maps on the model grid (``.npz`` written by the recipe's preparation stage):
+Sample ``n`` of rank ``r`` is a pure function of ``(seed, r, n)``, as in
+:class:`~bids_cadiff.training.data.PatchDataset`: every choice below is drawn from
+``numpy.random.default_rng([seed, r, n])``, so the data state of a resumable run is only the
+index of the next sample.
 
-=================  ==========================================================================
-``image``          ``(X, Y, Z)`` float32, the app's preprocessing of the whole image
-                   (:func:`bids_cadiff.app.participant.prepare_image`: N4, then the percentile
-                   normalisation of the whole volume)
-``distance``       ``(3, X, Y, Z)`` the atlas distance field warped onto it
-``values``         ``(X, Y, Z)`` training targets as FreeSurfer values of the label table
-``raw_labels``     ``(X, Y, Z)`` the label map's own values (synthesis draws from these)
-``mask``           ``(X, Y, Z)`` bool brain mask
-``image_brain``    optional ``(X, Y, Z)`` float32: the app's input for the skull-stripped
-                   image (N4-corrected image × mask, normalised over the brain)
-``real``           whether ``image`` is a real T1w (else a label map's stand-in)
-=================  ==========================================================================
+Per sample (:class:`MixedPatchDataset`):
+
+1. a real image with probability ``real_fraction`` (among items with a real T1w), else an
+   image synthesised from the label values of any item (label maps without images included);
+2. the patch centre: with probability ``balanced_fraction`` a voxel of a structure drawn
+   uniformly among those present (class balance: small structures as often as large ones),
+   else any labelled voxel; then jittered by up to 8 voxels;
+3. skull on with probability ``skull_fraction``, else the skull-stripped input;
+4. the image: a real image's crop (then a random bias field and intensity augmentation), or a
+   synthesised one (:func:`~bids_cadiff.training.synth.synthesize`: random per-label
+   intensities, bias, the whole map's normalisation, blur, noise);
+5. image, distance field and labels rotated and scaled together (MONAI ``RandAffined``) and,
+   with ``elastic``, deformed together by a smooth random displacement;
+6. registration jitter (``field_jitter`` > 0): the distance field alone is deformed by another
+   smooth displacement, so the network sees fields that are off by as much as two good
+   registrations of one image differ, and learns to follow the image where they disagree.
 
 **Normalisation is the app's.** The app normalises each whole image once (percentiles 0.5 and
-99.5 of its nonzero voxels) and the network sees crops of that. A patch here is cut from an
-image normalised the same way: a real image's ``image`` as prepared (skull on), or its
-``image_brain`` (skull off; maps prepared before it existed: ``image × mask`` renormalised over
-the whole brain, which differs where the head's normalisation clipped dark brain voxels); a
-synthesised patch with the percentiles of its *whole* label map
-(:func:`bids_cadiff.training.synth.mixture_range`). Augmentation then works in the normalised
-scale. No statistic of the patch itself enters, so without augmentation a real patch is
-exactly the app's input there (``tests/training/test_sampler.py``).
+99.5 of its nonzero voxels) and the network sees crops of that. A real patch is cut from an
+image normalised the same way (``image``: skull on; ``image_brain``: the app's input for the
+skull-stripped image); a synthesised patch is normalised with the percentiles of its *whole*
+label map (:func:`~bids_cadiff.training.synth.mixture_range`). No statistic of the patch itself
+enters, so without augmentation a real patch is exactly the app's input there
+(``tests/training/test_sampler.py``).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Callable, Sequence
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 import torch
+from monai.transforms import RandAffined
 
-from bids_cadiff.labels import SYNTHSEG32, LabelTable
+from bids_cadiff.training.data import TrainingItem, sample_seed
 from bids_cadiff.training.synth import (
     augment_intensity,
     bias_field,
     deform,
-    extracerebral_csf_to_background,
     smooth_deformation,
     synthesize,
 )
 
-__all__ = ["PatchSampler", "augmented_batch", "load_item"]
+__all__ = ["SAMPLING_MODES", "MixedPatchDataset", "SamplingSettings"]
 
-#: Percentiles of the app's intensity normalisation (the checkpoint's ``normalization``).
-LOWER, UPPER = 0.5, 99.5
-
-
-def load_item(
-    path: Path, csf_to_background: bool = False, keys: tuple[str, ...] | None = None
-) -> dict[str, np.ndarray]:
-    """A prepared map (only ``keys`` if given); with ``csf_to_background`` a SynthSeg map's CSF
-    target becomes 0 (aseg's convention)."""
-    with np.load(path) as data:
-        item = {k: data[k] for k in (keys or data.files)}
-    if csf_to_background and not bool(item["real"]):
-        item["values"] = extracerebral_csf_to_background(item["values"])
-    return item
+#: ``patches``: real images only, MONAI augmentation (:class:`~bids_cadiff.training.data.
+#: PatchDataset`, the paper's setting); ``mixed``: :class:`MixedPatchDataset`.
+SAMPLING_MODES: tuple[str, ...] = ("patches", "mixed")
+#: Largest jitter of a patch centre around the chosen voxel, in voxels.
+CENTRE_JITTER = 8
 
 
-def brain_range(image: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
-    """The app's normalisation percentiles of the skull-stripped image ``image × mask``."""
-    values = image[mask & (image != 0)]
-    if values.size == 0:
-        return 0.0, 1.0
-    lo, hi = np.percentile(values, [LOWER, UPPER])
-    return float(lo), float(max(hi, lo + 1e-6))
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How training patches are drawn (the recipe's ``[sampling]`` table).
+
+    Attributes:
+        mode: one of :data:`SAMPLING_MODES`.
+        real_fraction: probability of a real image (when there are real images).
+        balanced_fraction: probability of a class-balanced patch centre.
+        skull_fraction: probability of the image with skull (else skull-stripped).
+        elastic: smooth random deformation of image, field and labels together.
+        elastic_voxels: its scale in voxels.
+        field_jitter: registration jitter: scale in voxels of a smooth displacement applied to
+            the distance field only (0: none).
+        rotate: largest rotation of the random affine per axis (radians).
+        scale: largest relative scaling of the random affine per axis.
+        affine_prob: probability of the random affine.
+        augment: intensity augmentation of real and synthesised images.
+    """
+
+    mode: str = "patches"
+    real_fraction: float = 0.7
+    balanced_fraction: float = 0.5
+    skull_fraction: float = 0.6
+    elastic: bool = True
+    elastic_voxels: float = 3.0
+    field_jitter: float = 0.0
+    rotate: float = 0.17
+    scale: float = 0.1
+    affine_prob: float = 0.7
+    augment: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in SAMPLING_MODES:
+            raise ValueError(f"sampling mode must be one of {SAMPLING_MODES}, got {self.mode!r}")
+        for name in ("real_fraction", "balanced_fraction", "skull_fraction", "affine_prob"):
+            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("elastic_voxels", "field_jitter", "rotate", "scale"):
+            if float(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
-class PatchSampler:
-    """Draws training patches; all randomness from one seeded numpy generator (its state is
-    what a resumable training state stores: :attr:`rng`).
+class MixedPatchDataset(torch.utils.data.Dataset):
+    """Patch ``n`` of an endless, deterministic stream of real and synthesised patches (see the
+    module docstring).
 
     Args:
-        items: prepared maps (:func:`load_item`).
-        names: one name per item (for messages).
-        seed: seeds :attr:`rng`.
-        patch: patch size in voxels.
-        balanced: phases 1-2's draws: class-balanced centres for every patch (else none).
-        real_fraction: ``None``: phases 1-2's draws (an item uniformly, then its real image
-            with probability 1/2). Given: a real image with this probability, else an image
-            synthesised from any item's labels.
-        balanced_fraction: with ``real_fraction``: class-balanced centres with this
-            probability.
-        augment: intensity augmentation (bias field, blur, resolution loss, gamma, noise).
-        table: the label table of the targets.
+        items: training items; synthesis needs their ``values``, skull-stripped real patches
+            their ``image_brain``.
+        patch_size: ``(X, Y, Z)`` voxels.
+        seed: the run's seed.
+        rank: the process rank under DDP.
+        settings: the sampling settings.
+        length: ``len()`` of the dataset (indices beyond it still work).
+
+    ``dataset[n]`` returns ``{"image": (1, X, Y, Z) float32, "distance": (3, X, Y, Z) float32,
+    "label": (1, X, Y, Z) int64}``.
     """
 
     def __init__(
         self,
-        items: Sequence[dict[str, np.ndarray]],
-        names: Sequence[str],
-        seed: int,
-        patch: Sequence[int],
+        items: Sequence[TrainingItem],
         *,
-        balanced: bool = False,
-        real_fraction: float | None = None,
-        balanced_fraction: float | None = None,
-        augment: bool = True,
-        table: LabelTable = SYNTHSEG32,
+        patch_size: Sequence[int],
+        seed: int,
+        rank: int = 0,
+        settings: SamplingSettings = SamplingSettings(mode="mixed"),
+        length: int = 2**62,
     ) -> None:
-        if len(items) != len(names) or not items:
-            raise ValueError(f"need one name per item and at least one item, got "
-                             f"{len(items)} items and {len(names)} names")
-        self.items, self.names = list(items), list(names)
-        self.patch = np.asarray(patch, dtype=int)
-        self.rng = np.random.default_rng(seed)
-        self.balanced = balanced
-        self.real_fraction = real_fraction
-        self.balanced_fraction = balanced_fraction
-        self.augment = augment
-        self.table = table
-        self.all_items = list(range(len(self.items)))
-        self.real_items = [i for i in self.all_items if bool(self.items[i]["real"])]
-        if real_fraction is not None and real_fraction > 0 and not self.real_items:
-            raise ValueError("real_fraction > 0 but no item is a real image")
-        self._brain_ranges: dict[int, tuple[float, float]] = {}
+        if not items:
+            raise ValueError("MixedPatchDataset needs at least one training item")
+        if len(patch_size) != 3:
+            raise ValueError(f"MixedPatchDataset draws 3D patches, got patch_size {tuple(patch_size)}")
+        self.items = list(items)
+        self.patch = np.asarray([int(p) for p in patch_size], dtype=int)
+        self.seed, self.rank, self.length = int(seed), int(rank), int(length)
+        self.settings = settings
+        self.real_items = [i for i, it in enumerate(self.items) if it.real]
+        self.synth_items = [i for i, it in enumerate(self.items) if it.values is not None]
+        if not self.real_items and not self.synth_items:
+            raise ValueError("no item has a real image or label values to synthesise from")
+        if not self.synth_items and settings.real_fraction < 1.0:
+            raise ValueError(
+                "real_fraction < 1 needs items with label values to synthesise images from"
+            )
+        self.affine = RandAffined(
+            keys=["image", "distance", "label"], prob=settings.affine_prob,
+            rotate_range=[settings.rotate] * 3, scale_range=[settings.scale] * 3,
+            mode=["bilinear", "bilinear", "nearest"], padding_mode="zeros",
+        )
         self._counts: dict[int, dict[int, int]] = {}
+        self._present: dict[int, np.ndarray] = {}
 
-    def _brain_range(self, index: int) -> tuple[float, float]:
-        if index not in self._brain_ranges:
-            item = self.items[index]
-            self._brain_ranges[index] = brain_range(item["image"], item["mask"].astype(bool))
-        return self._brain_ranges[index]
+    def __len__(self) -> int:
+        return self.length
 
-    def _label_counts(self, index: int) -> dict[int, int]:
+    def _value_counts(self, index: int) -> dict[int, int]:
         if index not in self._counts:
-            present, n = np.unique(self.items[index]["raw_labels"], return_counts=True)
+            values = self.items[index].values
+            assert values is not None
+            present, n = np.unique(values, return_counts=True)
             self._counts[index] = {int(v): int(c) for v, c in zip(present, n)}
         return self._counts[index]
 
-    def real_patch(self, index: int, box: tuple[slice, ...], *, skull: bool) -> np.ndarray:
-        """The network input of a real image's patch before augmentation: the app's input
-        there (skull on: ``image``; skull off: ``image_brain``, or for maps without it
-        ``image × mask`` renormalised over the whole brain)."""
-        item = self.items[index]
-        if skull:
-            return item["image"][box].astype(np.float32)
-        if "image_brain" in item:
-            return item["image_brain"][box].astype(np.float32)
-        image = item["image"][box].astype(np.float32)
-        lo, hi = self._brain_range(index)
-        stripped = image * item["mask"][box]
-        return np.where(stripped != 0, np.clip((stripped - lo) / (hi - lo), 0, 1), 0).astype(
-            np.float32
-        )
+    def _classes(self, index: int) -> np.ndarray:
+        if index not in self._present:
+            labels = self.items[index].labels
+            self._present[index] = np.unique(labels[labels > 0])
+        return self._present[index]
 
-    def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One patch: ``(image (*P) float32 in [0, 1], distance (3, *P) float32, labels (*P)
-        int channel indices)``, zero-padded where the map is smaller than the patch."""
-        rng = self.rng
-        if self.real_fraction is None:
-            index = int(rng.integers(len(self.items)))
-            balanced = self.balanced
-        else:
-            use_real = rng.random() < self.real_fraction
-            pool = self.real_items if use_real else self.all_items
-            index = pool[int(rng.integers(len(pool)))]
-            balanced = rng.random() < (self.balanced_fraction or 0.0)
+    def _centre(self, rng: np.random.Generator, index: int) -> np.ndarray:
         item = self.items[index]
-        values = item["values"]
-        if balanced:  # class-balanced: a structure uniformly, then one of its voxels
-            present = np.unique(values[values > 0])
-            fg = np.argwhere(values == present[int(rng.integers(len(present)))])
+        classes = self._classes(index)
+        if len(classes) and rng.random() < self.settings.balanced_fraction:
+            chosen = classes[int(rng.integers(len(classes)))]
+            voxels = np.argwhere(item.labels == chosen)
+            centre = voxels[int(rng.integers(len(voxels)))]
+        elif len(item.foreground):
+            flat = int(item.foreground[rng.integers(len(item.foreground))])
+            centre = np.array(np.unravel_index(flat, item.labels.shape))
         else:
-            fg = np.argwhere(values > 0)
-        centre = fg[int(rng.integers(len(fg)))] + rng.integers(-8, 9, size=3)
-        lo = np.clip(centre - self.patch // 2, 0, np.maximum(np.array(values.shape) - self.patch, 0))
+            centre = np.array([int(rng.integers(n)) for n in item.labels.shape])
+        return centre + rng.integers(-CENTRE_JITTER, CENTRE_JITTER + 1, size=3)
+
+    def real_patch(self, index: int, box: tuple[slice, ...], *, skull: bool) -> np.ndarray:
+        """A real image's input before augmentation: the app's input there (skull on:
+        ``image``; skull off: ``image_brain``)."""
+        item = self.items[index]
+        source = item.image if skull or item.image_brain is None else item.image_brain
+        return np.asarray(source[box], dtype=np.float32)
+
+    def draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Steps 1-4 of the module docstring: ``(image (*P), distance (3, *P), labels (*P))``,
+        zero-padded where the map is smaller than the patch."""
+        s = self.settings
+        use_real = bool(self.real_items) and (
+            not self.synth_items or rng.random() < s.real_fraction
+        )
+        pool = self.real_items if use_real else self.synth_items
+        index = pool[int(rng.integers(len(pool)))]
+        item = self.items[index]
+        centre = self._centre(rng, index)
+        shape = np.array(item.labels.shape)
+        lo = np.clip(centre - self.patch // 2, 0, np.maximum(shape - self.patch, 0))
         box = tuple(slice(int(a), int(a) + int(p)) for a, p in zip(lo, self.patch))
-        skull = rng.random() < 0.6
-        if self.real_fraction is None:
-            real = bool(item["real"]) and rng.random() < 0.5
-        else:
-            real = use_real
-        if real:
+        skull = rng.random() < s.skull_fraction
+        if use_real:
             image = self.real_patch(index, box, skull=skull)
-            if self.augment:
+            if s.augment:
                 image = np.clip(image * bias_field(image.shape, rng, rng.uniform(0, 0.3)), 0, 1)
                 image = augment_intensity(image, rng)
         else:
-            counts = self._label_counts(index)
-            image = synthesize(item["raw_labels"][box], rng, skull=skull, counts=counts,
-                               augment=self.augment)
-        distance = item["distance"][(slice(None), *box)].astype(np.float32)
-        labels = self.table.value_to_index(values[box])
-        pad = [(0, int(p) - s) for p, s in zip(self.patch, image.shape)]
-        image = np.pad(image, pad)
-        distance = np.pad(distance, [(0, 0), *pad])
-        labels = np.pad(labels, pad)
-        return image, distance, labels
+            assert item.values is not None
+            image = synthesize(np.asarray(item.values[box]), rng, skull=skull,
+                               counts=self._value_counts(index), augment=s.augment)
+        distance = np.asarray(item.distance[(slice(None), *box)], dtype=np.float32)
+        labels = np.asarray(item.labels[box]).astype(np.int64)
+        pad = [(0, int(p) - n) for p, n in zip(self.patch, image.shape)]
+        return (np.pad(image, pad).astype(np.float32), np.pad(distance, [(0, 0), *pad]),
+                np.pad(labels, pad))
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = sample_seed(self.seed, self.rank, index)
+        image, distance, labels = self.draw(rng)
+        self.affine.set_random_state(seed=int(rng.integers(2**31 - 1)))
+        out = self.affine({"image": image[None], "distance": distance,
+                           "label": labels[None].astype(np.float32)})
+        arrays = {k: _numpy(out[k]) for k in ("image", "distance", "label")}
+        s = self.settings
+        if s.elastic:  # image, field and labels deformed together
+            arrays = deform(arrays, smooth_deformation(tuple(int(p) for p in self.patch), rng, s.elastic_voxels),
+                            nearest=("label",))
+        if s.field_jitter > 0:  # the field alone: another good registration
+            arrays["distance"] = deform(
+                {"distance": arrays["distance"]},
+                smooth_deformation(tuple(int(p) for p in self.patch), rng, s.field_jitter),
+            )["distance"]
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(arrays["image"], dtype=np.float32)),
+            "distance": torch.from_numpy(
+                np.ascontiguousarray(arrays["distance"], dtype=np.float32)).clamp_(0.0, 1.0),
+            "label": torch.from_numpy(np.ascontiguousarray(arrays["label"])).round().long(),
+        }
 
 
-
-def augmented_batch(
-    sampler: PatchSampler,
-    affine: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
-    size: int,
-    *,
-    elastic: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One training batch: ``size`` patches from ``sampler``, each rotated and scaled with its
-    field and labels by ``affine`` (MONAI ``RandAffined`` on keys image, distance, labels) and,
-    with ``elastic``, deformed with them by a smooth random displacement (drawn from
-    ``sampler.rng``).
-
-    Returns:
-        ``(image (B, 1, *P) float32, distance (B, 3, *P) float32, labels (B, 1, *P) int64)``.
-    """
-    imgs, dists, labs = [], [], []
-    for _ in range(size):
-        image, distance, labels = sampler.sample()
-        out = affine({"image": image[None], "distance": distance,
-                      "labels": labels[None].astype(np.float32)})
-        if elastic:  # image, field and labels deformed together
-            arrays = {k: np.asarray(out[k]) for k in ("image", "distance", "labels")}
-            out = deform(arrays, smooth_deformation(arrays["image"].shape[1:], sampler.rng),
-                         nearest=("labels",))
-        imgs.append(torch.as_tensor(np.asarray(out["image"])))
-        dists.append(torch.as_tensor(np.asarray(out["distance"])))
-        labs.append(torch.as_tensor(np.asarray(out["labels"])).round().long())
-    return torch.stack(imgs), torch.stack(dists), torch.stack(labs)
+def _numpy(value: object) -> np.ndarray:
+    """MetaTensor, tensor or array → numpy array."""
+    if hasattr(value, "as_tensor"):
+        value = value.as_tensor()  # type: ignore[union-attr]
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)

@@ -11,6 +11,7 @@ import torch
 
 from bids_cadiff.app.train import TrainConfig, load_recipe, merge_recipes
 from bids_cadiff.cli.train import build_parser, main, overrides_from_args
+from bids_cadiff.errors import UsageError
 from bids_cadiff.inference.checkpoint import load_checkpoint
 from tests.training.synthetic import TINY_ARGS, make_labelled_dataset
 
@@ -48,7 +49,19 @@ def test_parser_training_timestep_options(tmp_path: Path):
     assert config.diffusion.t_m_max_fraction == 0.5 and config.diffusion.batch_dice
 
 
+@pytest.mark.parametrize("value,seconds", [
+    ("90", 90.0), ("90s", 90.0), ("45m", 2700.0), ("7.5h", 27000.0), ("02:30:00", 9000.0),
+    ("1:30", 90.0),
+])
+def test_time_limit_durations(tmp_path: Path, value, seconds):
+    args = build_parser().parse_args([str(tmp_path), str(tmp_path), str(tmp_path / "o"),
+                                      "--time-limit", value])
+    assert overrides_from_args(args)["training"] == {"time_limit": seconds}
+
+
 @pytest.mark.parametrize("argv,message", [
+    (["--time-limit", "soon"], "not a duration"),
+    (["--time-limit", "0"], "--time-limit must be > 0"),
     (["--lr", "-1"], "--lr must be > 0"),
     (["--val-fraction", "1.5"], "--val-fraction must be in [0, 1)"),
     (["--mode", "joint"], "invalid choice"),
@@ -122,6 +135,50 @@ def test_train_with_label_prior(dataset, tmp_path: Path):
     assert probs.shape == (8, 6, 6, 6)
     torch.testing.assert_close(probs.sum(0), torch.ones(6, 6, 6), atol=1e-2, rtol=0)
     assert (probs[1:].amax(0) > 0.5).any()  # the brain's classes are in it
+
+
+def _label_maps(labels: Path, folder: Path) -> Path:
+    """Two label maps without images (copies of the dataset's label maps)."""
+    folder.mkdir()
+    for sub in ("01", "02"):
+        src = labels / f"sub-{sub}/anat/sub-{sub}_desc-manual_dseg.nii.gz"
+        (folder / f"map_{sub}.nii.gz").write_bytes(src.read_bytes())
+    (folder / "labels_table.txt").write_text("not a map\n")
+    return folder
+
+
+def test_mixed_sampling_with_label_maps_resumes_exactly(dataset, tmp_path: Path):
+    bids, labels, atlas = dataset
+    maps = _label_maps(labels, tmp_path / "maps")
+    common = [str(bids), str(labels), "--atlas", str(atlas), *TINY_ARGS, "--checkpoint-every", "2",
+              "--val-every", "2", "--val-participants", "03", "--sampling", "mixed",
+              "--synth-label-maps", str(maps), "--field-jitter", "1", "-w", str(tmp_path / "w")]
+    assert main([*common[:2], str(tmp_path / "a"), *common[2:], "--iterations", "4"]) == 0
+    assert main([*common[:2], str(tmp_path / "b"), *common[2:], "--iterations", "2"]) == 0
+    assert main([*common[:2], str(tmp_path / "b"), *common[2:], "--iterations", "4",
+                 "--resume", "auto"]) == 0
+    a, b = load_checkpoint(tmp_path / "a/model.pt"), load_checkpoint(tmp_path / "b/model.pt")
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    training = b.metadata.training
+    assert training["train_images"] == ["sub-01_T1w", "sub-02_T1w", "map-map_01", "map-map_02"]
+    assert training["recipe"]["sampling"]["mode"] == "mixed"
+    assert training["recipe"]["sampling"]["field_jitter"] == 1.0
+    saved = TrainConfig.from_dict(tomllib.loads((tmp_path / "b/train_config.toml").read_text()))
+    assert saved.sampling.mode == "mixed" and saved.data.synth_label_maps == maps
+    # another sampling setting is another run: resuming it is refused, naming the difference
+    assert main([*common[:2], str(tmp_path / "b"), *common[2:], "--iterations", "6",
+                 "--field-jitter", "2", "--resume", "auto"]) == 1
+
+
+def test_the_default_model_recipe():
+    config = TrainConfig.from_dict(load_recipe(CONFIGS / "default_model.toml"))
+    assert config.sampling.mode == "mixed" and config.sampling.field_jitter > 0
+    assert config.data.voxel_size == (2.0, 2.0, 2.0) and config.model.label_prior_bins == 48
+    assert config.data.split_midline_maps == ("fb_*", "old_*")
+    assert config.training.patch_size == (48, 48, 48)
+    with pytest.raises(UsageError, match=r"\[sampling\]"):
+        TrainConfig.from_dict({"sampling": {"nonsense": 1}})
 
 
 def test_usage_errors_are_one_line(dataset, tmp_path: Path, capsys):

@@ -1,6 +1,5 @@
 """scripts/calibration.py: ECE, the temperature chosen on training subjects, the summary."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -8,10 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "calibration.py"
-spec = importlib.util.spec_from_file_location("calibration", SCRIPT)
-calibration = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(calibration)
+from tests.scripts import load_script
+
+calibration = load_script("calibration")
 
 SHAPE = (14, 14, 14)
 

@@ -1,14 +1,10 @@
 """scripts/crossval_nested.py: per fold, the choice on training subjects and the test rows."""
 
-import importlib.util
-from pathlib import Path
-
 import pandas as pd
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "crossval_nested.py"
-spec = importlib.util.spec_from_file_location("crossval_nested", SCRIPT)
-crossval_nested = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(crossval_nested)
+from tests.scripts import load_script
+
+crossval_nested = load_script("crossval_nested")
 
 
 def table(path, rows):

@@ -1,17 +1,12 @@
 """The command line of scripts/crossval_summary.py (the tables: tests/evaluation/test_crossval.py)."""
 
-import importlib.util
-from pathlib import Path
-
 import pandas as pd
 import pytest
 
 from tests.evaluation.test_crossval import fold  # the hand-made fold tables
+from tests.scripts import load_script
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "crossval_summary.py"
-spec = importlib.util.spec_from_file_location("crossval_summary", SCRIPT)
-crossval_summary = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(crossval_summary)
+crossval_summary = load_script("crossval_summary")
 
 
 def test_main_prints_the_tables_and_writes_the_pooled_scores(tmp_path, capsys):

@@ -108,3 +108,22 @@ def test_two_d_training_and_prediction(tmp_path: Path):
     pred = predict_indices(result.model, items[0].image, items[0].distance, patch_size=(16, 16),
                            steps=1, slice_axis=2)
     assert pred.shape == items[0].image.shape and pred.max() < 3
+
+
+def test_time_limit_stops_cleanly_and_resumes_exactly(tmp_path: Path):
+    items = _items()
+    straight = train(_model(), items, settings=_settings(4), metadata=META,
+                     output_dir=tmp_path / "a", progress=False)
+    # a limit already spent: one step, then a checkpoint there and model.pt from it
+    stopped = train(_model(), items, settings=_settings(4, time_limit=1e-9), metadata=META,
+                    output_dir=tmp_path / "b", progress=False)
+    assert stopped.stopped_early and stopped.iteration == 1
+    ckpt = latest_checkpoint(tmp_path / "b")
+    assert ckpt is not None and ckpt.name == "iter-0000001.pt"
+    assert load_checkpoint(tmp_path / "b/model.pt").metadata.training["iteration"] == 1
+    # the limit is not a setting of the run: resuming without it continues the same schedule
+    resumed = train(_model(), items, settings=_settings(4), metadata=META,
+                    output_dir=tmp_path / "b", resume=ckpt, progress=False)
+    assert not resumed.stopped_early and resumed.iteration == 4
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+import pytest
+from scipy import ndimage
 
 from bids_cadiff.labels import ASEG_MERGE, SYNTHSEG32
 from bids_cadiff.registration.atlas import resolve_atlas
@@ -12,6 +15,7 @@ from bids_cadiff.training import prepare
 from bids_cadiff.training.prepare import (
     PrepareSettings,
     labels_to_index,
+    prepare_label_map,
     prepare_training_image,
     split_by_hemisphere,
 )
@@ -51,3 +55,63 @@ def test_wm_hypointensities_go_to_the_nearest_white_matter():
     with_affine = labels_to_index(values, SYNTHSEG32, ASEG_MERGE, np.eye(4))
     assert with_affine[7, 1, 1] == SYNTHSEG32.values.index(41)
     assert with_affine[4, 1, 1] in (SYNTHSEG32.values.index(2), SYNTHSEG32.values.index(41))
+
+
+def _settings(atlas: Path) -> PrepareSettings:
+    return PrepareSettings(atlas=resolve_atlas(atlas), voxel_size=(4.0, 4.0, 4.0),
+                           registration="none")
+
+
+def test_a_mask_file_gives_the_skull_stripped_input(tmp_path: Path):
+    bids, labels, atlas = make_labelled_dataset(tmp_path, ("01",))
+    t1w = bids / "sub-01/anat/sub-01_T1w.nii.gz"
+    dseg = labels / "sub-01/anat/sub-01_desc-manual_dseg.nii.gz"
+    img = nib.load(dseg)
+    box = np.zeros(img.shape, np.uint8)
+    box[4:16, 4:18, 4:14] = 1  # a mask unlike the labels, so its use is visible
+    mask_path = tmp_path / "sub-01_desc-brain_mask.nii.gz"
+    nib.save(nib.Nifti1Image(box, img.affine), mask_path)
+    settings = _settings(atlas)
+    with_mask = prepare_training_image(t1w, dseg, settings=settings, work_dir=tmp_path / "w",
+                                       mask_path=mask_path)
+    assert with_mask.real and with_mask.mask is not None and with_mask.image_brain is not None
+    np.testing.assert_array_equal(with_mask.mask, box > 0)
+    assert not with_mask.image_brain[~with_mask.mask].any()
+    # the app's normalisation of the masked, N4-corrected image: spans [0, 1] inside the mask
+    inside = with_mask.image_brain[with_mask.mask]
+    assert inside.max() == pytest.approx(1.0) and inside.min() >= 0.0
+    without = prepare_training_image(t1w, dseg, settings=settings, work_dir=tmp_path / "w")
+    assert without.key != with_mask.key  # the mask is part of the cache key
+    np.testing.assert_array_equal(without.mask, ndimage.binary_fill_holes(without.label_values > 0))
+    cached = prepare_training_image(t1w, dseg, settings=settings, work_dir=tmp_path / "w",
+                                    mask_path=mask_path)
+    np.testing.assert_array_equal(cached.image_brain, with_mask.image_brain)
+    np.testing.assert_array_equal(cached.mask, with_mask.mask)
+
+
+def test_label_maps_without_images(tmp_path: Path, monkeypatch):
+    _, labels, atlas = make_labelled_dataset(tmp_path, ("01",))
+    img = nib.load(labels / "sub-01/anat/sub-01_desc-manual_dseg.nii.gz")
+    values = np.asarray(img.dataobj).astype(np.int16)
+    # an older SynthSeg map: both hemispheres carry left codes
+    left_only = np.select([values == 41, values == 42, values == 43], [2, 3, 4], values)
+    path = tmp_path / "old_01.nii.gz"
+    nib.save(nib.Nifti1Image(left_only.astype(np.int16), img.affine), path)
+    settings = _settings(atlas)
+    plain = prepare_label_map(path, settings=settings, work_dir=tmp_path / "w")
+    split = prepare_label_map(path, settings=settings, work_dir=tmp_path / "w", split_midline=True)
+    assert not plain.real and not split.real and plain.key != split.key
+    assert not np.isin(plain.label_values, [41, 42, 43]).any()
+    assert np.isin(split.label_values, [41, 42, 43]).any()
+    # the split follows the mid-sagittal plane: it gives back the original right codes
+    original = prepare_training_image(
+        tmp_path / "old_01.nii.gz", labels / "sub-01/anat/sub-01_desc-manual_dseg.nii.gz",
+        settings=settings, work_dir=tmp_path / "w2").label_values
+    agree = (split.label_values == original)[original > 0].mean()
+    assert agree > 0.95
+    assert split.distance.max() > 0.5 and split.mask.any()
+    calls = []
+    monkeypatch.setattr(prepare, "default_prepare", lambda *a, **k: calls.append(1))
+    again = prepare_label_map(path, settings=settings, work_dir=tmp_path / "w", split_midline=True)
+    assert not calls and not again.real
+    np.testing.assert_array_equal(again.label_values, split.label_values)

@@ -1,4 +1,4 @@
-"""The default recipe's patch sampler: the network sees in training what it sees in the app."""
+"""Mixed real and synthesised patches: the network sees in training what it sees in the app."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import torch
 
 from bids_cadiff.imaging.preprocess import normalise_intensity
 from bids_cadiff.labels import SYNTHSEG32
-from bids_cadiff.training.sampler import PatchSampler
+from bids_cadiff.training.data import TrainingItem
+from bids_cadiff.training.sampler import MixedPatchDataset, SamplingSettings
 from bids_cadiff.training.synth import draw_intensities, mixture_range, synthesize
 
 SHAPE = (40, 44, 36)
@@ -38,10 +39,18 @@ def head(seed: int = 0):
     return raw, mask, values, distance
 
 
-def item(raw, mask, values, distance):
-    return {"image": normalise_intensity(raw), "image_brain": normalise_intensity(raw * mask),
-            "distance": distance, "values": values, "raw_labels": values.astype(np.int16),
-            "mask": mask, "real": np.array(True)}
+def item(raw, mask, values, distance, *, real: bool = True) -> TrainingItem:
+    return TrainingItem(
+        "head", normalise_intensity(raw), distance, SYNTHSEG32.value_to_index(values).astype(np.int16),
+        np.eye(4), values=values.astype(np.int32), mask=mask,
+        image_brain=normalise_intensity(raw * mask), real=real,
+    )
+
+
+def plain(**changes) -> SamplingSettings:
+    """No augmentation, no spatial transform: the patch as cut."""
+    return SamplingSettings(**{"mode": "mixed", "augment": False, "affine_prob": 0.0,
+                               "elastic": False, **changes})
 
 
 def where(distance_patch: np.ndarray) -> tuple[slice, ...]:
@@ -51,14 +60,15 @@ def where(distance_patch: np.ndarray) -> tuple[slice, ...]:
 
 def test_real_patches_are_exactly_the_apps_input():
     raw, mask, values, distance = head()
-    sampler = PatchSampler([item(raw, mask, values, distance)], ["head"], 0, PATCH,
-                           real_fraction=1.0, augment=False)
+    data = MixedPatchDataset([item(raw, mask, values, distance)], patch_size=PATCH, seed=0,
+                             settings=plain(real_fraction=1.0))
     # what the app feeds the network: the whole image normalised once, with skull or (a
     # skull-stripped input) the image times its brain mask
     app = {True: normalise_intensity(raw), False: normalise_intensity(raw * mask)}
     seen = {True: 0, False: 0}
-    for _ in range(40):
-        image, dist, labels = sampler.sample()
+    for n in range(40):
+        out = data[n]
+        image, dist, labels = out["image"][0].numpy(), out["distance"].numpy(), out["label"][0].numpy()
         box = where(dist)
         if image.shape != app[True][box].shape or not mask[box].any():
             continue
@@ -96,51 +106,93 @@ def test_mixture_range_matches_the_percentiles_of_a_drawn_volume():
     assert abs(lo - want[0]) < 0.02 and abs(hi - want[1]) < 0.02
 
 
-def test_sampler_is_reproducible_and_checks_its_items():
+def test_sample_n_is_a_pure_function_of_seed_rank_and_n():
     raw, mask, values, distance = head()
     items = [item(raw, mask, values, distance)]
-    a = PatchSampler(items, ["h"], 3, PATCH, real_fraction=0.5, balanced_fraction=0.5)
-    b = PatchSampler(items, ["h"], 3, PATCH, real_fraction=0.5, balanced_fraction=0.5)
-    for _ in range(4):
-        for x, y in zip(a.sample(), b.sample()):
-            np.testing.assert_array_equal(x, y)
-    image, dist, labels = a.sample()
-    assert image.shape == PATCH and dist.shape == (3, *PATCH) and labels.shape == PATCH
-    assert 0 <= image.min() and image.max() <= 1
-    with pytest.raises(ValueError, match="name"):
-        PatchSampler(items, [], 0, PATCH)
-    synthetic = {**items[0], "real": np.array(False)}
-    with pytest.raises(ValueError, match="real"):
-        PatchSampler([synthetic], ["s"], 0, PATCH, real_fraction=0.7)
+    settings = SamplingSettings(mode="mixed", real_fraction=0.5, field_jitter=1.5)
+    a = MixedPatchDataset(items, patch_size=PATCH, seed=3, settings=settings)
+    b = MixedPatchDataset(items, patch_size=PATCH, seed=3, settings=settings)
+    for n in (5, 0, 7, 5):  # any order: resuming at sample n draws what an unbroken run drew
+        for key in ("image", "distance", "label"):
+            torch.testing.assert_close(a[n][key], b[n][key], rtol=0, atol=0)
+    other = MixedPatchDataset(items, patch_size=PATCH, seed=3, rank=1, settings=settings)
+    assert not torch.equal(a[0]["image"], other[0]["image"])
+    out = a[1]
+    assert out["image"].shape == (1, *PATCH) and out["distance"].shape == (3, *PATCH)
+    assert out["label"].shape == (1, *PATCH) and out["label"].dtype == torch.int64
+    assert 0 <= float(out["image"].min()) and float(out["image"].max()) <= 1
 
 
-def test_maps_prepared_without_image_brain_renormalise_the_masked_image():
+def test_checks_its_items_and_settings():
     raw, mask, values, distance = head()
-    old = item(raw, mask, values, distance)
-    del old["image_brain"]
-    sampler = PatchSampler([old], ["old"], 0, PATCH, real_fraction=1.0, augment=False)
-    box = (slice(8, 24), slice(8, 24), slice(8, 24))
-    got = sampler.real_patch(0, box, skull=False)
-    assert got.min() >= 0 and got.max() <= 1
-    brain = got[mask[box]]
-    assert brain.max() > 0.9  # the brain spans the range again, as the app would normalise it
+    with pytest.raises(ValueError, match="at least one"):
+        MixedPatchDataset([], patch_size=PATCH, seed=0)
+    label_only = item(raw, mask, values, distance)
+    label_only.values = None
+    with pytest.raises(ValueError, match="synthesise"):
+        MixedPatchDataset([label_only], patch_size=PATCH, seed=0,
+                          settings=SamplingSettings(mode="mixed", real_fraction=0.7))
+    with pytest.raises(ValueError, match="real_fraction"):
+        SamplingSettings(real_fraction=1.5)
+    with pytest.raises(ValueError, match="mode"):
+        SamplingSettings(mode="other")
 
 
-def test_augmented_batch_moves_image_field_and_labels_together():
-    from monai.transforms import RandAffined
-
-    from bids_cadiff.training.sampler import augmented_batch
-
+def test_label_maps_without_images_are_only_synthesised_from():
+    # an item whose image is a stand-in (real=False) must never be shown as an image: its
+    # stand-in is constant 0.5 here, which no synthesised image is
     raw, mask, values, distance = head()
-    sampler = PatchSampler([item(raw, mask, values, distance)], ["h"], 0, PATCH, real_fraction=1.0,
-                           augment=False)
-    affine = RandAffined(keys=["image", "distance", "labels"], prob=1.0, rotate_range=[0.3] * 3,
-                         mode=["bilinear", "bilinear", "nearest"], padding_mode="zeros")
-    affine.set_random_state(0)
-    images, distances, labels = augmented_batch(sampler, affine, 3, elastic=True)
-    assert images.shape == (3, 1, *PATCH) and distances.shape == (3, 3, *PATCH)
-    assert labels.shape == (3, 1, *PATCH) and labels.dtype == torch.int64
-    # where a label is lateral ventricle (index of value 4), the image is dark (30 of 250)
+    stand_in = item(raw, mask, values, distance, real=False)
+    stand_in.image = np.full(SHAPE, 0.5, np.float32)
+    stand_in.image_brain = None
+    data = MixedPatchDataset([stand_in], patch_size=PATCH, seed=0,
+                             settings=plain(real_fraction=1.0))
+    for n in range(10):
+        image = data[n]["image"][0].numpy()
+        assert not np.allclose(image[image > 0], 0.5)
+
+
+def test_class_balanced_centres_reach_small_structures():
+    raw, mask, values, distance = head()
+    values = values.copy()
+    values[20, 22, 18] = 17  # one voxel of hippocampus
+    small = SYNTHSEG32.value_to_index(np.array([17]))[0]
+    counts = {}
+    for fraction in (0.0, 1.0):
+        data = MixedPatchDataset([item(raw, mask, values, distance)], patch_size=PATCH,
+                                 seed=0, settings=plain(real_fraction=1.0, balanced_fraction=fraction))
+        counts[fraction] = sum(int((data[n]["label"] == small).any()) for n in range(60))
+    assert counts[1.0] >= 8 and counts[1.0] > counts[0.0] + 5
+
+
+def test_field_jitter_moves_the_field_and_nothing_else():
+    raw, mask, values, distance = head()
+    items = [item(raw, mask, values, distance)]
+    still = MixedPatchDataset(items, patch_size=PATCH, seed=0, settings=plain(real_fraction=1.0))
+    jittered = MixedPatchDataset(items, patch_size=PATCH, seed=0,
+                                 settings=plain(real_fraction=1.0, field_jitter=3.0))
+    moved = 0
+    for n in range(6):
+        a, b = still[n], jittered[n]
+        torch.testing.assert_close(a["image"], b["image"], rtol=0, atol=0)
+        torch.testing.assert_close(a["label"], b["label"], rtol=0, atol=0)
+        interior = (slice(None), slice(3, -3), slice(3, -3), slice(3, -3))
+        moved += int(not torch.allclose(a["distance"][interior], b["distance"][interior], atol=1e-4))
+    assert moved >= 4
+
+
+def test_spatial_augmentation_moves_image_field_and_labels_together():
+    raw, mask, values, distance = head()
+    data = MixedPatchDataset([item(raw, mask, values, distance)], patch_size=PATCH, seed=0,
+                             settings=plain(real_fraction=1.0, affine_prob=1.0, rotate=0.3,
+                                            elastic=True))
     lv = SYNTHSEG32.value_to_index(np.array([4]))[0]
-    dark, bright = images[labels == lv], images[(labels > 0) & (labels != lv)]
+    dark, bright = [], []
+    for n in range(6):
+        out = data[n]
+        images, labels = out["image"], out["label"]
+        dark.append(images[labels == lv])
+        bright.append(images[(labels > 0) & (labels != lv)])
+    # where a label is lateral ventricle (value 4), the image is dark (30 of 250)
+    dark, bright = torch.cat(dark), torch.cat(bright)
     assert dark.numel() and float(dark.mean()) < float(bright.mean())
