@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO ?= demo
 
-.PHONY: demo test test-fast install clean calibration default-model default-model-folds
+.PHONY: demo test test-fast install clean calibration default-model default-model-folds container-test
 
 install: $(STAMP)
 
@@ -26,6 +26,14 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# Builds the Dockerfile (CPU-only torch) with podman, or Docker where a daemon runs, and runs the
+# image read-only as uid 1000: --version, participant, group, reports (docs/containers.md). Needs
+# no venv. Where this machine cannot build or run containers the script exits 77 with the reason:
+# reported here, not a failure.
+container-test:
+	@bash scripts/test_container.sh $(CONTAINER_TEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 77 ]; then echo "container-test: SKIPPED (reason above)"; exit 0; fi; exit $$rc
 
 # The model card's calibration and QC figures (artifacts/calibration/README.md): the three fold
 # models on the seven fstd subjects of ../shared/data, then the temperature and the QC reference.
