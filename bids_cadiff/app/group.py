@@ -1,6 +1,9 @@
 """Group level: gather every per-image volume table into one table with a data dictionary.
 
-Reads ``OUTPUT_DIR/sub-*/[ses-*/]anat/*_desc-cadiff_volumes.tsv`` and writes
+Reads ``OUTPUT_DIR/sub-*/[ses-*/]anat/*_desc-cadiff_volumes.tsv`` of the finished images (those
+with their dseg sidecar, which a participant job writes last: a group run while participant
+jobs are running takes only what they have finished; every file is written atomically, so no
+file is ever read half-written) and writes
 ``OUTPUT_DIR/group/desc-cadiff_volumes.tsv`` (one row per T1w) and its ``.json`` sidecar.
 Columns: ``participant_id``, then ``session_id``, ``acquisition``, ``reconstruction``, ``run``
 (only those some image has), one column per structure abbreviation (mm^3), ``TotalBrain``,
@@ -90,13 +93,22 @@ def collect_volumes(
     """
     tables = deriv.find_volume_tables(output_dir)
     selected = []
+    unfinished = []
     for path in tables:
         ents = deriv.entities_from_name(path.name)
         if participant_labels and ents.get("subject") not in participant_labels:
             continue
         if session_labels and ents.get("session") not in session_labels:
             continue
+        if not deriv.is_finished(output_dir, ents):
+            unfinished.append(path)
+            continue
         selected.append(path)
+    if unfinished:
+        logger.warning(
+            "%d image(s) left out, their outputs unfinished (a participant job is running, or "
+            "was killed: rerun it), e.g. %s", len(unfinished), unfinished[0],
+        )
     if not selected:
         what = ""
         if participant_labels:
@@ -104,8 +116,9 @@ def collect_volumes(
         if session_labels:
             what += f" for session(s) {', '.join(session_labels)}"
         raise UsageError(
-            f"no *_desc-{deriv.DESC}_volumes.tsv found in {output_dir}{what}; run the "
-            "participant level first (bids_cadiff BIDS_DIR OUTPUT_DIR participant)."
+            f"no *_desc-{deriv.DESC}_volumes.tsv of a finished image found in {output_dir}"
+            f"{what}; run the participant level first (bids_cadiff BIDS_DIR OUTPUT_DIR "
+            "participant)."
         )
     rows = [_read_row(p) for p in selected]
     for path, row in zip(selected, rows):

@@ -2,10 +2,17 @@
 
 Per image: load and check → RAS → resample to the model's voxel size → N4 → intensity
 normalisation (as the checkpoint says) → register the atlas and warp its distance field →
-sliding-window CA-Diff sampling inside the brain's bounding box → probabilities resampled onto
+check that the header's orientation is the one the atlas fits best
+(:mod:`bids_cadiff.registration.orientation`; a lying header fails QC) → sliding-window CA-Diff sampling inside the brain's bounding box → probabilities resampled onto
 the T1w's own grid → label map, volumes, overlay picture and, last, the JSON sidecar. The sidecar
-is the "finished" mark: a rerun skips images that have it (``--overwrite`` recomputes), and every
-file is written atomically, so a killed run never leaves a finished-looking output.
+is the "finished" mark: a rerun skips images that have it (``--overwrite`` recomputes, and
+removes the old sidecar before it writes anything), and every file is written atomically, so a
+killed run never leaves a finished-looking output.
+
+One job at a time works on a T1w: :func:`process_record` holds the image's lock file
+(``OUTPUT_DIR/logs/locks/``, :mod:`bids_cadiff.io.locks`) from segmentation to sidecar; a second
+job on the same image waits, then skips it once the first has finished it. The kernel releases
+the lock of a killed job.
 
 One image failing is logged with its path and reason; the others go on, and the exit code is 1.
 """
@@ -43,6 +50,9 @@ from bids_cadiff.inference.predict import brain_box, predict_volume, resolve_dev
 from bids_cadiff.inference.refine import RefineSettings
 from bids_cadiff.inference.posterior import PROBABILITY_SCALE, GridPosterior
 from bids_cadiff.inference.resample import field_to_grid, posterior_on_grid
+from bids_cadiff.io.atomic import remove_stale_temporaries
+from bids_cadiff.io.faults import kill_point
+from bids_cadiff.io.locks import exclusive_lock, holder
 from bids_cadiff.io.nifti import load_t1w
 from bids_cadiff.labels import LabelTable
 from bids_cadiff.qc.flags import QCReference, load_reference, qc_flags
@@ -50,6 +60,7 @@ from bids_cadiff.qc.structures import QC_COLUMNS, structure_rows
 from bids_cadiff.reports.overlay import overlay_png
 from bids_cadiff.registration.ants import Registration, register_atlas, warp_distance_field
 from bids_cadiff.registration.atlas import AtlasSpec, atlas_distance_field, resolve_atlas
+from bids_cadiff.registration.orientation import OrientationCheck, check_orientation
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +259,7 @@ class Segmentation:
         prepared: the image on the model's grid, with its registration.
         timings: seconds per stage.
         samples: samples drawn.
+        orientation: the header orientation check (``None``: not asked for, or it failed).
     """
 
     labels: np.ndarray
@@ -258,6 +270,7 @@ class Segmentation:
     prepared: PreparedImage
     timings: dict[str, float]
     samples: int = 1
+    orientation: OrientationCheck | None = None
 
 
 def segment_t1w(
@@ -274,9 +287,11 @@ def segment_t1w(
     refine: RefineSettings | None = None,
     samples: int = 1,
     keep_probabilities: bool = False,
+    orientation_check: bool = False,
 ) -> Segmentation:
     """Segment one T1w (``refine``: the intensity refinement's settings, ``None`` for the
-    plain argmax).
+    plain argmax; ``orientation_check``: also check the header's orientation,
+    :func:`orientation_of`).
 
     With ``samples`` = N ≥ 2, CA-Diff is sampled N times (seeds ``seed`` … ``seed + N − 1``);
     the final labels come from the mean of the N model probabilities, and each sample's own
@@ -293,6 +308,12 @@ def segment_t1w(
         registration=str(meta.inputs["registration"]),
     )
     timings = dict(prepared.timings)
+    orientation = None
+    if orientation_check:
+        start = time.perf_counter()
+        orientation = orientation_of(t1, prepared, atlas, image_path)
+        timings["orientation"] = time.perf_counter() - start
+    kill_point("inference")  # tests only: die with the image prepared, before sampling
     start = time.perf_counter()
     draws = []
     for k in tqdm(range(samples), desc="samples", unit="sample", disable=samples < 2 or not progress):
@@ -329,15 +350,29 @@ def segment_t1w(
     return Segmentation(
         labels=table.index_to_value(final.labels), uncertainty=uncertainty, soft_counts=soft,
         sample_volumes=sample_volumes, probabilities=final.probabilities, prepared=prepared,
-        timings=timings, samples=samples,
+        timings=timings, samples=samples, orientation=orientation,
     )
+
+
+def orientation_of(
+    t1: nib.Nifti1Image, prepared: PreparedImage, atlas: AtlasSpec, image_path: Path | None,
+) -> OrientationCheck | None:
+    """The header orientation check (:mod:`bids_cadiff.registration.orientation`) on the
+    prepared (N4-corrected) grid, naming the T1w file's own axis codes; ``None`` with a
+    warning when it cannot run (the segmentation goes on without it)."""
+    codes = "".join(str(c) for c in nib.aff2axcodes(t1.affine))
+    grid = nib.Nifti1Image(prepared.corrected if prepared.corrected is not None
+                           else prepared.image, prepared.affine)
+    try:
+        return check_orientation(grid, atlas, header_codes=codes)
+    except (RuntimeError, ValueError) as exc:  # antspyx raises both from C++
+        log.warning("%s: the orientation check could not run (%s): QC goes on without it",
+                    image_path or "T1w", exc)
+        return None
 
 
 def _is_finished(output_dir: Path, entities: Mapping[str, str]) -> bool:
-    return (
-        deriv.dseg_sidecar_path(output_dir, entities).is_file()
-        and deriv.dseg_path(output_dir, entities).is_file()
-    )
+    return deriv.is_finished(output_dir, entities)
 
 
 def process_record(
@@ -348,7 +383,44 @@ def process_record(
     atlas: AtlasSpec,
     device: torch.device,
 ) -> dict[str, float]:
-    """Segment one T1w and write all its outputs (sidecar last). Returns the timings."""
+    """Segment one T1w and write all its outputs (sidecar last), holding the image's lock.
+
+    Returns:
+        the timings; empty when another job finished the image meanwhile (this one then
+        waited for its lock, or found it finished once it held the lock).
+    """
+    out = config.output_dir
+    entities = record.entities
+
+    def waiting(path: Path) -> None:
+        log.info("%s: another job is segmenting this image (lock %s, held by %s); waiting "
+                 "for it", record.relpath, path, holder(path) or "?")
+
+    try:
+        lock = exclusive_lock(deriv.lock_path(out, entities), on_wait=waiting)
+        state = lock.__enter__()
+    except OSError as exc:
+        raise _output_error(exc, out) from exc
+    with contextlib.ExitStack() as stack:
+        stack.push(lock)
+        if (state.waited or not config.overwrite) and _is_finished(out, entities):
+            log.info("%s: finished by another job meanwhile; skipped", record.relpath)
+            return {}
+        if state.held:  # no other job writes this image: its temporaries are of killed jobs
+            for path in deriv.image_output_paths(out, entities):
+                remove_stale_temporaries(path)
+        return _segment_and_write(record, config=config, loaded=loaded, atlas=atlas,
+                                  device=device)
+
+
+def _segment_and_write(
+    record: T1wRecord,
+    *,
+    config: RunConfig,
+    loaded: LoadedModel,
+    atlas: AtlasSpec,
+    device: torch.device,
+) -> dict[str, float]:
     start = time.perf_counter()
     entities = record.entities
     out = config.output_dir
@@ -358,7 +430,7 @@ def process_record(
         t1, loaded, atlas=atlas, steps=config.steps, seed=config.seed, device=device,
         cache_dir=config.work_dir / "registration", image_path=record.path,
         progress=log.isEnabledFor(logging.INFO), refine=refine, samples=config.samples,
-        keep_probabilities=config.save_probabilities,
+        keep_probabilities=config.save_probabilities, orientation_check=True,
     )
     try:
         return _write_outputs(record, config, loaded, atlas, device, t1, refine, result, start)
@@ -367,13 +439,18 @@ def process_record(
         for path in deriv.image_output_paths(out, entities):
             with contextlib.suppress(OSError):
                 path.unlink(missing_ok=True)
-        where = exc.filename or out
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OutputError(where, "no space left on the device (or the quota is used up); "
-                              "free space or give another OUTPUT_DIR, then rerun: finished "
-                              "images are kept and this one is redone") from exc
-        raise OutputError(where, f"{exc.strerror or exc}; check that OUTPUT_DIR is writable, "
-                          "then rerun") from exc
+        raise _output_error(exc, out) from exc
+
+
+def _output_error(exc: OSError, out: Path) -> OutputError:
+    """The :class:`OutputError` of an OSError raised while writing into ``out``."""
+    where = exc.filename or out
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutputError(where, "no space left on the device (or the quota is used up); "
+                           "free space or give another OUTPUT_DIR, then rerun: finished "
+                           "images are kept and this one is redone")
+    return OutputError(where, f"{exc.strerror or exc}; check that OUTPUT_DIR is writable, "
+                       "then rerun")
 
 
 def _write_outputs(
@@ -390,6 +467,8 @@ def _write_outputs(
     """Write every output of one segmented T1w, the sidecar last. Returns the timings."""
     entities = record.entities
     out = config.output_dir
+    # an output being redone (--overwrite) is no longer finished, from its first file on
+    deriv.dseg_sidecar_path(out, entities).unlink(missing_ok=True)
     timings = result.timings
     write_start = time.perf_counter()
     table = loaded.metadata.labels
@@ -431,6 +510,7 @@ def _write_outputs(
     qc = qc_flags(
         rows, registration_ncc=reg.quality, brain_only=reg.brain_only,
         brain_uncertainty=brain_uncertainty, reference=qc_reference(table),
+        orientation=result.orientation,
     )
     deriv.write_qc_table(deriv.qc_table_path(out, entities), rows, QC_COLUMNS)
     if config.reports:
@@ -477,6 +557,8 @@ def _write_outputs(
                 "Temperature": loaded.metadata.temperature,
             },
             "QC": qc,
+            "Orientation": (result.orientation.as_json()
+                            if result.orientation is not None else None),
             "StageSeconds": {k: round(v, 2) for k, v in timings.items()},
             "GeneratedBy": {"Name": "bids_cadiff", "Version": __version__},
         },
@@ -678,6 +760,8 @@ def run_participant(config: RunConfig) -> int:
         elif isinstance(outcome, BaseException):
             log.error("FAILED %s: unexpected error", record.path, exc_info=outcome)
             failures.append((record.path, f"{type(outcome).__name__}: {outcome}"))
+        elif not outcome:
+            pass  # finished by another job meanwhile (process_record said so)
         else:
             log.info("%s: done (%s)", record.relpath,
                      ", ".join(f"{k} {v:.1f} s" for k, v in outcome.items()))

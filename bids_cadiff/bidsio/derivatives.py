@@ -7,6 +7,8 @@ Layout of ``OUTPUT_DIR`` (a BIDS derivatives dataset)::
     .bidsignore                            lists the non-BIDS files below
     sub-<l>.html                           participant report (bidsignored)
     logs/<source>_desc-cadiff_error.json   why an image failed (bidsignored)
+    logs/locks/<source>_desc-cadiff.lock   held while a job writes that image (removed after)
+    logs/locks/dataset.lock                held while a job writes the dataset-level files
     sub-<l>/[ses-<s>/]anat/
         <source>_desc-cadiff_dseg.nii.gz   label map on the T1w's own grid
         <source>_desc-cadiff_dseg.json     provenance sidecar (with Uncertainty and QC)
@@ -19,7 +21,9 @@ Layout of ``OUTPUT_DIR`` (a BIDS derivatives dataset)::
     group/desc-cadiff_report.html                   group report (bidsignored)
 
 ``<source>`` is ``sub-<l>[_ses-<s>][_acq-<a>][_rec-<r>][_run-<n>]``: the source T1w's entities
-in BIDS order. Every writer is atomic (:mod:`bids_cadiff.io.atomic`).
+in BIDS order. Every writer is atomic (:mod:`bids_cadiff.io.atomic`). The dataset-level files
+(description, look-up table) are rewritten only when their content changes, so the many jobs
+of a SLURM array that start together leave them as the first one wrote them.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ import numpy as np
 
 from bids_cadiff import CODE_URL, __version__
 from bids_cadiff.errors import UsageError
-from bids_cadiff.io.atomic import atomic_path, atomic_write
+from bids_cadiff.io.atomic import atomic_path, atomic_write, remove_stale_temporaries
+from bids_cadiff.io.locks import exclusive_lock
 from bids_cadiff.labels import Label, LabelTable
 
 logger = logging.getLogger(__name__)
@@ -269,6 +274,17 @@ def error_record_path(output_dir: str | Path, entities: Mapping[str, Any]) -> Pa
     return Path(output_dir) / "logs" / f"{source_prefix(entities)}_desc-{DESC}_error.json"
 
 
+def lock_path(output_dir: str | Path, entities: Mapping[str, Any]) -> Path:
+    """The lock file a participant job holds while it segments and writes one T1w
+    (:mod:`bids_cadiff.io.locks`), under ``logs/locks/``; removed when the job is done.
+
+    Example:
+        >>> lock_path("/out", {"subject": "01", "session": "2"}).as_posix()
+        '/out/logs/locks/sub-01_ses-2_desc-cadiff.lock'
+    """
+    return Path(output_dir) / "logs" / "locks" / f"{source_prefix(entities)}_desc-{DESC}.lock"
+
+
 def participant_report_path(output_dir: str | Path, subject: str) -> Path:
     """HTML report of one participant at the output root, as fMRIPrep's.
 
@@ -367,9 +383,19 @@ def config_path(output_dir: str | Path, run_uuid: str) -> Path:
 
 
 def find_volume_tables(output_dir: str | Path) -> list[Path]:
-    """Every per-image volume table under ``output_dir``, sorted."""
+    """Every per-image volume table under ``output_dir``, sorted (finished images or not:
+    see :func:`is_finished`)."""
     root = Path(output_dir)
     return sorted(p for p in root.glob(f"sub-*/**/anat/*_desc-{DESC}_volumes.tsv") if p.is_file())
+
+
+def is_finished(output_dir: str | Path, entities: Mapping[str, Any]) -> bool:
+    """Whether the outputs of one T1w are finished: its dseg sidecar, written last, and the
+    label map exist. (A participant job writing them, or killed while writing, leaves no
+    sidecar; one redoing a finished image removes the sidecar first.)"""
+    return dseg_sidecar_path(output_dir, entities).is_file() and (
+        dseg_path(output_dir, entities).is_file()
+    )
 
 
 def entities_from_name(name: str) -> dict[str, str]:
@@ -395,15 +421,17 @@ def container_info(env: Mapping[str, str] | None = None) -> dict[str, str] | Non
     """``GeneratedBy.Container`` when running inside Docker or Singularity/Apptainer, else None.
 
     Detection: ``SINGULARITY_CONTAINER`` / ``APPTAINER_CONTAINER`` (the image path, used as Tag
-    unless ``CADIFF_CONTAINER_TAG`` is set), or ``/.dockerenv``. ``CADIFF_CONTAINER_TAG`` (set
-    in our images) gives the tag.
+    unless ``CADIFF_CONTAINER_TAG`` is set); Docker's ``/.dockerenv``; podman's ``container``
+    environment variable or ``/run/.containerenv`` (it runs the same OCI image, so the type is
+    ``docker``). ``CADIFF_CONTAINER_TAG`` (set in our images) gives the tag.
     """
     env = os.environ if env is None else env
     tag = env.get("CADIFF_CONTAINER_TAG", "")
     for var in ("SINGULARITY_CONTAINER", "APPTAINER_CONTAINER"):
         if env.get(var):
             return {"Type": "singularity", "Tag": tag or env[var]}
-    if Path("/.dockerenv").exists():
+    podman = env.get("container", "") in ("podman", "oci") or Path("/run/.containerenv").exists()
+    if podman or Path("/.dockerenv").exists():
         return {"Type": "docker", "Tag": tag or f"bids_cadiff:{__version__}"}
     return None
 
@@ -470,7 +498,21 @@ def write_dataset_description(
 ) -> Path:
     """Write ``dataset_description.json`` (see :func:`dataset_description`), atomically."""
     path = dataset_description_path(output_dir)
-    return atomic_write(path, _json_text(dataset_description(raw_dir, env=env)))
+    return _write_if_changed(path, _json_text(dataset_description(raw_dir, env=env)))
+
+
+def _write_if_changed(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically unless the file already holds exactly it.
+
+    Jobs started together may all find the file missing and all write it: each write is a
+    complete file renamed into place, so readers see one whole version or another.
+    """
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return path
+    except (OSError, UnicodeDecodeError):
+        pass
+    return atomic_write(path, text)
 
 
 def dseg_tsv_text(table: LabelTable) -> str:
@@ -493,8 +535,20 @@ def dseg_tsv_text(table: LabelTable) -> str:
 
 
 def write_dseg_tsv(output_dir: str | Path, table: LabelTable) -> Path:
-    """Write the top-level ``desc-cadiff_dseg.tsv`` look-up table, atomically."""
-    return atomic_write(dseg_tsv_path(output_dir), dseg_tsv_text(table))
+    """Write the top-level ``desc-cadiff_dseg.tsv`` look-up table, atomically (unless it holds
+    the same table already; replacing another one is said in a warning)."""
+    path = dseg_tsv_path(output_dir)
+    text = dseg_tsv_text(table)
+    try:
+        before = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        before = None
+    if before == text:
+        return path
+    if before is not None:
+        logger.warning("%s held another label table: replaced by this model's; label maps "
+                       "already in %s were made with the old one", path, path.parent)
+    return atomic_write(path, text)
 
 
 def write_bidsignore(output_dir: str | Path) -> Path:
@@ -506,14 +560,31 @@ def write_bidsignore(output_dir: str | Path) -> Path:
     for pattern in BIDSIGNORE_PATTERNS:
         if pattern not in lines:
             lines.append(pattern)
-    return atomic_write(path, "\n".join(lines) + "\n")
+    return _write_if_changed(path, "\n".join(lines) + "\n")
+
+
+def dataset_lock_path(output_dir: str | Path) -> Path:
+    """The lock file held while the dataset-level files are written (see
+    :func:`init_derivatives`)."""
+    return Path(output_dir) / "logs" / "locks" / "dataset.lock"
 
 
 def init_derivatives(output_dir: str | Path, raw_dir: str | Path, table: LabelTable) -> None:
-    """Write the dataset-level files: description, look-up table and ``.bidsignore``."""
-    write_dataset_description(output_dir, raw_dir)
-    write_dseg_tsv(output_dir, table)
-    write_bidsignore(output_dir)
+    """Write the dataset-level files: description, look-up table and ``.bidsignore``.
+
+    Jobs started together take turns (a lock in ``logs/locks/``, :mod:`bids_cadiff.io.locks`):
+    the first writes the files, the others find them as they would write them and leave them
+    alone. Temporary files of these writes left by a killed job are removed.
+    """
+    with exclusive_lock(dataset_lock_path(output_dir)) as state:
+        paths = [dataset_description_path(output_dir), dseg_tsv_path(output_dir),
+                 Path(output_dir) / ".bidsignore"]
+        if state.held:
+            for path in paths:
+                remove_stale_temporaries(path)
+        write_dataset_description(output_dir, raw_dir)
+        write_dseg_tsv(output_dir, table)
+        write_bidsignore(output_dir)
 
 
 # --------------------------------------------------------------------------- sidecars
@@ -931,6 +1002,8 @@ __all__ = [
     "entity_columns",
     "figure_path",
     "find_volume_tables",
+    "is_finished",
+    "lock_path",
     "group_volumes_path",
     "group_volumes_sidecar_path",
     "init_derivatives",

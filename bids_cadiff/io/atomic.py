@@ -3,7 +3,9 @@
 The data go to a temporary file in the destination's own directory (so that the final
 :func:`os.replace` is a rename within one filesystem), which is flushed, fsynced and then
 renamed over the destination. On any failure the temporary file is removed and the
-destination is left untouched.
+destination is left untouched. A process killed mid-write (SIGKILL runs no cleanup) leaves its
+temporary file, never a partial destination; :func:`remove_stale_temporaries` removes such
+files where no other process can be writing them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, TextIO, BinaryIO
+
+from bids_cadiff.io.faults import kill_point
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +69,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
+        kill_point("write:" + path.name)  # tests only: die with the file complete, not renamed
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -80,6 +85,30 @@ def _fsync_file(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Remove the temporary files that writes of ``path`` left behind (a killed process
+    cannot remove its own). Only call it while no other process may be writing ``path``
+    (e.g. under the image's lock, :mod:`bids_cadiff.io.locks`): their temporary files are
+    named alike.
+
+    Returns:
+        the files removed.
+    """
+    path = Path(path)
+    prefix = TMP_PREFIX + path.name.split(".")[0] + "-"
+    suffix = _tmp_suffix(path)
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in path.parent.iterdir():
+            if entry.name.startswith(prefix) and entry.name.endswith(suffix) and (
+                len(entry.name) == len(prefix) + 8 + len(suffix)  # mkstemp's 8 random chars
+            ):
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
+                    removed.append(entry)
+    return removed
 
 
 def atomic_write(

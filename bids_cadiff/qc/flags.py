@@ -5,6 +5,10 @@ in its ``ChosenOn`` fields and the model card):
 
 * ``registration``: the atlas registration's NCC inside the warped atlas brain below the
   reference's minimum for that kind of image (with skull, or brain only);
+* ``orientation``: the image fits the atlas clearly better flipped front-to-back or
+  top-to-bottom (or rotated 180°) than as its header places it: the header lies about the
+  orientation (:mod:`bids_cadiff.registration.orientation`; its threshold is that module's,
+  not the reference's, as it does not depend on the model; runs without a reference too);
 * ``uncertainty``: the mean voxel uncertainty over the labelled brain above the maximum;
 * ``volume``: a structure's volume fraction (of total brain volume) outside its range;
 * ``missing``: a structure with no voxel;
@@ -18,12 +22,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bids_cadiff.registration.orientation import OrientationCheck
 
 __all__ = ["CHECKS", "DEFAULT_REFERENCE", "QCReference", "load_reference", "qc_flags"]
 
 #: Names of the checks, in report order.
-CHECKS: tuple[str, ...] = ("registration", "uncertainty", "volume", "missing", "pieces")
+CHECKS: tuple[str, ...] = (
+    "registration", "orientation", "uncertainty", "volume", "missing", "pieces",
+)
 #: The reference bundled for the 32-structure table (built by scripts/build_qc_reference.py).
 DEFAULT_REFERENCE = Path(__file__).resolve().parents[1] / "data" / "qc_reference.json"
 
@@ -98,6 +107,7 @@ def qc_flags(
     brain_only: bool,
     brain_uncertainty: float,
     reference: QCReference | None,
+    orientation: OrientationCheck | None = None,
 ) -> dict[str, Any]:
     """The ``QC`` entry of a sidecar; also appends each structure's flags to its row's
     ``flags`` list (rows from :func:`bids_cadiff.qc.structures.structure_rows`).
@@ -108,7 +118,10 @@ def qc_flags(
         brain_only: the image was registered as a skull-stripped brain.
         brain_uncertainty: mean voxel uncertainty over the labelled brain.
         reference: the thresholds, or ``None`` (no reference for this label table: only the
-            ``missing`` check runs, and ``Checks`` says so).
+            ``missing`` and ``orientation`` checks run, and ``Checks`` says so).
+        orientation: the orientation check of the image
+            (:func:`~bids_cadiff.registration.orientation.check_orientation`), or ``None``
+            (not run: no ``orientation`` entry in ``Checks``).
 
     Returns:
         ``{"Status": "pass"|"fail", "Flags": [...], "Checks": [...]}``.
@@ -132,6 +145,20 @@ def qc_flags(
             add(_flag("registration", None, registration_ncc, f">= {low:.3f}",
                       "the atlas registration fits this image worse than any training image "
                       "did: check the image's orientation and field of view"))
+    if orientation is not None:
+        from bids_cadiff.registration.orientation import MARGIN_CHOSEN_ON
+
+        limit = f"<= {orientation.threshold:.2f}"
+        checks.append({
+            "Check": "orientation",
+            "Threshold": f"no A-P or S-I reversed orientation fits the atlas better than the "
+                         f"header's by more than {orientation.threshold:.2f} NCC (left-right "
+                         "flips are not detectable and not checked)",
+            "ChosenOn": MARGIN_CHOSEN_ON,
+        })
+        if orientation.flagged:
+            add(_flag("orientation", None, orientation.margin, limit, orientation.message()))
+    if reference is not None:
         high = reference.uncertainty_max
         checks.append({"Check": "uncertainty", "Threshold": f"mean brain uncertainty <= {high:.3f}",
                        "ChosenOn": chosen.get("uncertainty", "")})

@@ -30,6 +30,7 @@ from run to run, single-threaded ones do not.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -46,6 +47,9 @@ import numpy as np
 
 from bids_cadiff.errors import RegistrationError
 from bids_cadiff.imaging.preprocess import foreground_mask, looks_skull_stripped, nib_to_ants
+from bids_cadiff.io.atomic import atomic_write
+from bids_cadiff.io.faults import kill_point
+from bids_cadiff.io.hashing import file_sha256 as file_sha256_uncached
 from bids_cadiff.registration.atlas import AtlasSpec, file_sha256, load_atlas
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -70,6 +74,8 @@ _CACHE_VERSION = "2"
 #: Dilation (mm) of the affinely carried atlas brain mask that skull-strips head images.
 BRAIN_MASK_DILATE_MM = 6.0
 _META_NAME = "registration.json"
+#: Temporary folders of the cache older than this (s) belong to killed registrations.
+STALE_TMP_SECONDS = 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -288,36 +294,120 @@ def _cleanup_ants_outputs(workdir: Path, keep: list[Path]) -> None:
             path.unlink(missing_ok=True)
 
 
+def _meta_checksum(meta: dict[str, Any]) -> str:
+    """sha256 of a cache entry's metadata without its own ``checksum`` field."""
+    body = {k: v for k, v in meta.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _check_entry(entry: Path) -> dict[str, Any]:
+    """The metadata of a complete, intact cache entry.
+
+    Raises:
+        ValueError: the entry is incomplete or corrupt (the reason in words).
+    """
+    try:
+        meta = json.loads((entry / _META_NAME).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"no {_META_NAME} (an entry is published complete; this one was not)")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{_META_NAME} unreadable ({exc})") from None
+    if not isinstance(meta, dict) or "checksum" not in meta:
+        raise ValueError(f"{_META_NAME} without a checksum (written by an older bids_cadiff)")
+    if meta["checksum"] != _meta_checksum(meta):
+        raise ValueError(f"{_META_NAME} does not match its checksum")
+    try:
+        for name, expected in meta["sha256"].items():
+            try:
+                actual = file_sha256_uncached(entry / name)
+            except FileNotFoundError:
+                raise ValueError(f"{name} is missing") from None
+            if actual != expected:
+                raise ValueError(f"{name} does not match its checksum (truncated or corrupt)")
+        if not meta["forward_transforms"] or set(meta["forward_transforms"]) - set(meta["sha256"]):
+            raise ValueError("a transform without a checksum")
+    except (KeyError, TypeError, AttributeError):
+        raise ValueError(f"{_META_NAME} lacks a field") from None
+    return meta
+
+
+def _discard(entry: Path) -> None:
+    """Remove a broken cache entry: renamed aside first (atomic, so no process ever reads a
+    half-deleted entry), then deleted. Another process may have discarded or replaced it
+    already; that is fine."""
+    trash = entry.with_name(f".tmp-discard-{entry.name[:16]}-{os.getpid()}-{time.time_ns()}")
+    try:
+        os.replace(entry, trash)
+    except OSError:
+        return
+    with contextlib.suppress(ValueError):
+        _check_entry(trash)
+        # another process re-published an intact entry since this one looked: put it back
+        with contextlib.suppress(OSError):
+            os.replace(trash, entry)
+            return
+    if trash.is_dir():
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        trash.unlink(missing_ok=True)
+
+
 def _load_cached(entry: Path, params: RegistrationParams) -> Registration | None:
-    meta_path = entry / _META_NAME
-    if not meta_path.is_file():
+    """The cached registration of ``entry``, or ``None`` when there is none or it cannot be
+    trusted (incomplete or corrupt: then it is removed with a warning, and recomputed)."""
+    if not entry.exists():
         return None
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = _check_entry(entry)
         transforms = tuple(entry / name for name in meta["forward_transforms"])
-        if not all(p.is_file() for p in transforms):
-            return None
         return Registration(
             forward_transforms=transforms, quality=float(meta["quality"]),
             quality_metric=str(meta["quality_metric"]), mask_dice=float(meta["mask_dice"]),
             brain_only=bool(meta["brain_only"]), seconds=float(meta["seconds"]),
             cached=True, params=params,
         )
-    except (KeyError, ValueError, json.JSONDecodeError):
-        logger.warning("ignoring unreadable registration cache entry %s", entry)
+    except (KeyError, TypeError, ValueError) as exc:
+        logger.warning("registration cache entry %s cannot be trusted (%s): removed, the "
+                       "registration is recomputed", entry, exc)
+        _discard(entry)
         return None
 
 
-def _publish(tmp: Path, entry: Path) -> Path:
-    """Atomically move a finished temp dir into place; return the entry that won."""
-    try:
-        os.replace(tmp, entry)
-    except OSError:
-        # Another process published the same key first (non-empty target): keep theirs.
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (entry / _META_NAME).is_file():
-            raise
-    return entry
+def _publish(tmp: Path, entry: Path, params: RegistrationParams) -> Registration | None:
+    """Atomically move a finished temporary folder into place.
+
+    Returns:
+        ``None`` when ``tmp`` became the entry; the other process's registration when one
+        published the same key first (``tmp`` is then deleted).
+    """
+    for _ in range(3):
+        try:
+            os.replace(tmp, entry)
+            return None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        theirs = _load_cached(entry, params)  # a broken one is discarded: try again
+        if theirs is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return theirs
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise OSError(errno.EEXIST, "cannot publish the registration cache entry", str(entry))
+
+
+def _remove_stale_temporaries(cache_dir: Path) -> None:
+    """Delete temporary folders of registrations that were killed (older than
+    :data:`STALE_TMP_SECONDS`: a registration in progress in another process is younger)."""
+    limit = time.time() - STALE_TMP_SECONDS
+    with contextlib.suppress(OSError):
+        for path in cache_dir.iterdir():
+            with contextlib.suppress(OSError):
+                if path.name.startswith(".tmp-") and path.stat().st_mtime < limit:
+                    if path.is_dir():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        path.unlink()
 
 
 def register_atlas(
@@ -371,6 +461,7 @@ def register_atlas(
         if cached is not None:
             logger.info("%s: reusing cached registration %s", name, entry.name[:12])
             return cached
+        _remove_stale_temporaries(cache_dir)
         workdir = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir))
     else:
         workdir = Path(tempfile.mkdtemp(prefix="cadiff-registration-"))
@@ -385,20 +476,27 @@ def register_atlas(
                 "correct orientation in its header (view it with the atlas in a viewer), or pass "
                 "a better-matching atlas with --atlas.",
             )
-        meta = {
+        kill_point("registration")  # tests only: die with the transforms not yet published
+        meta: dict[str, Any] = {
             "forward_transforms": [p.name for p in result.forward_transforms],
             "quality": result.quality, "quality_metric": result.quality_metric,
             "mask_dice": result.mask_dice, "brain_only": result.brain_only,
             "seconds": result.seconds, "params": asdict(params),
             "atlas": atlas.description, "image": str(name),
+            "sha256": {p.name: file_sha256_uncached(p) for p in result.forward_transforms},
         }
-        (workdir / _META_NAME).write_text(json.dumps(meta, indent=2))
+        meta["checksum"] = _meta_checksum(meta)
+        atomic_write(workdir / _META_NAME, json.dumps(meta, indent=2))
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
     if entry is None:
         return result
-    entry = _publish(workdir, entry)
+    theirs = _publish(workdir, entry, params)
+    if theirs is not None:
+        logger.info("%s: another process published this registration first; using its "
+                    "transforms", name)
+        return theirs
     return Registration(
         forward_transforms=tuple(entry / p.name for p in result.forward_transforms),
         quality=result.quality, quality_metric=result.quality_metric,

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -261,7 +262,7 @@ def _load_npz(path: Path, key: str, t1w_path: Path, label_path: Path | None) -> 
                 t1w_path=t1w_path, label_path=label_path, mask=optional("mask"),
                 image_brain=optional("image_brain"), real=bool(data["real"]),
             )
-    except (OSError, ValueError, KeyError, EOFError) as exc:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         logger.warning("ignoring unreadable cache entry %s (%s); recomputing", path, exc)
         return None
 

@@ -19,10 +19,15 @@ def _config(tmp_path: Path, **kw) -> RunConfig:
     return RunConfig(tmp_path / "raw", tmp_path / "out", "group", work_dir=tmp_path / "w", **kw)
 
 
-def _write(out: Path, ents: dict, fill: int) -> None:
+def _write(out: Path, ents: dict, fill: int, *, finished: bool = True) -> None:
+    """One image's volume table; ``finished``: also its label map and dseg sidecar (written
+    last by the participant level), without a QC entry."""
     lab = np.zeros((9, 10, 11), dtype=np.int16)
     lab[:fill] = 17
     d.write_volumes_tsv(d.volumes_path(out, ents), d.compute_volumes(lab, 1.0, SYNTHSEG32), ents)
+    if finished:
+        d.save_label_map(d.dseg_path(out, ents), lab, np.eye(4))
+        d.write_dseg_sidecar(d.dseg_sidecar_path(out, ents), {})
 
 
 def test_aggregates_with_only_present_entity_columns(tmp_path):
@@ -57,7 +62,7 @@ def test_qc_column_comes_from_each_images_sidecar(tmp_path):
     for sub, qc in (("01", {"Status": "pass", "Flags": []}), ("02", {"Status": "fail", "Flags": flags})):
         ents = {"subject": sub}
         _write(out, ents, 2)
-        d.write_dseg_sidecar(d.dseg_sidecar_path(out, ents), {"QC": qc})
+        d.write_dseg_sidecar(d.dseg_sidecar_path(out, ents), {"QC": qc})  # replaces the {}
     assert run_group(_config(tmp_path, reports=False)) == 0
     lines = d.group_volumes_path(out).read_text().splitlines()
     assert [ln.split("\t")[-1] for ln in lines] == ["qc", "pass", "fail (volume, pieces)"]
@@ -89,10 +94,24 @@ def test_missing_output_dir(tmp_path):
         run_group(_config(tmp_path))
 
 
+def test_unfinished_images_are_left_out(tmp_path, caplog):
+    """A participant job that is writing (or was killed) has no dseg sidecar yet: a group run
+    meanwhile takes only the finished images, and says so."""
+    out = tmp_path / "out"
+    _write(out, {"subject": "01"}, 1)
+    _write(out, {"subject": "02"}, 2, finished=False)
+    assert run_group(_config(tmp_path, reports=False)) == 0
+    lines = d.group_volumes_path(out).read_text().splitlines()
+    assert [ln.split("\t")[0] for ln in lines] == ["participant_id", "sub-01"]
+    assert "1 image(s) left out" in caplog.text and "sub-02_desc-cadiff_volumes.tsv" in caplog.text
+    with pytest.raises(UsageError, match="finished image"):
+        run_group(_config(tmp_path, participant_labels=("02",)))
+
+
 def test_corrupt_table_names_file(tmp_path):
     out = tmp_path / "out"
+    _write(out, {"subject": "01"}, 1)
     path = d.volumes_path(out, {"subject": "01"})
-    path.parent.mkdir(parents=True)
     path.write_text("participant_id\tL-HI\nsub-01\tabc\n")
     with pytest.raises(UsageError, match=r"sub-01_desc-cadiff_volumes.tsv.*--overwrite"):
         run_group(_config(tmp_path))

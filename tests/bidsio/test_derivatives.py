@@ -73,6 +73,12 @@ def test_container_detection(monkeypatch):
         "Type": "docker", "Tag": "org/cadiff:1"}
     desc = d.dataset_description("/raw", env={"CADIFF_CONTAINER_TAG": "org/cadiff:1"})
     assert desc["GeneratedBy"][0]["Container"]["Type"] == "docker"
+    # podman runs the same OCI image: it sets container=podman and makes /run/.containerenv
+    monkeypatch.setattr(d.Path, "exists", lambda self: False)
+    assert d.container_info({"container": "podman", "CADIFF_CONTAINER_TAG": "t:2"}) == {
+        "Type": "docker", "Tag": "t:2"}
+    monkeypatch.setattr(d.Path, "exists", lambda self: str(self) == "/run/.containerenv")
+    assert d.container_info({})["Type"] == "docker"
 
 
 def test_dseg_tsv(tmp_path):
