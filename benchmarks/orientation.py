@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=list(CANDIDATES), help="headers to try (default: all 8)")
     parser.add_argument("--extras", action="store_true",
                         help="also tilted and cut correct headers on chris_t1 and sub-01")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows already in the TSV and measure only the others")
     parser.add_argument("--summary-only", action="store_true",
                         help="only rewrite summary.md from the existing TSV")
     return parser
@@ -189,10 +191,17 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     columns = ["image", "atlas", "header", "header_codes", *CANDIDATES, "margin",
                "left_right_margin", "flagged", "expected", "ok", "apparent", "check_s", "check_cpu_s"]
-    with open(args.out, "w", newline="", encoding="utf-8") as handle:
+    done: set[tuple[str, str]] = set()
+    if args.resume and args.out.is_file():
+        with open(args.out, encoding="utf-8") as handle:
+            done = {(r["image"], r["header"]) for r in csv.DictReader(handle, delimiter="\t")}
+    with open(args.out, "a" if done else "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
-        writer.writerow(columns)
+        if not done:
+            writer.writerow(columns)
         for name, header, img in cases(images, args.headers, args.extras):
+            if (name, header) in done:
+                continue
             codes = "".join(nib.aff2axcodes(img.affine))
             grid = n4_bias_correct(resample_to_spacing(to_ras(img), GRID_MM))
             wall, cpu = time.perf_counter(), time.process_time()
