@@ -88,7 +88,9 @@ def _cut(img: nib.Nifti1Image, *, top_mm: float = 0.0, bottom_mm: float = 0.0) -
     return nib.Nifti1Image(data, ras.affine)
 
 
-def cases(images: dict[str, Path], headers: list[str], extras: bool) -> Iterator[tuple[str, str, nib.Nifti1Image]]:
+def cases(
+    images: dict[str, Path], headers: list[str], extras: bool
+) -> Iterator[tuple[str, str, nib.Nifti1Image]]:
     """``(image name, header name, image with that header)`` to measure."""
     for name, path in images.items():
         img = nib.load(path)
@@ -140,7 +142,8 @@ def summarise(tsv: Path) -> str:
     lies = [r for r in rows if r["expected"] == "True"]
     lr = [float(r["left_right_margin"]) for r in true_rows]
     if true_rows and lies:
-        lines += ["", f"True headers: largest margin {max(float(r['margin']) for r in true_rows):+.3f} "
+        largest = max(float(r["margin"]) for r in true_rows)
+        lines += ["", f"True headers: largest margin {largest:+.3f} "
                   f"over {len(true_rows)} images; A-P/S-I lies: smallest margin "
                   f"{min(float(r['margin']) for r in lies):+.3f} over {len(lies)}; left-right, "
                   f"true minus mirrored fit: {min(lr):+.3f} to {max(lr):+.3f} "
@@ -190,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     atlas = resolve_atlas(None)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     columns = ["image", "atlas", "header", "header_codes", *CANDIDATES, "margin",
-               "left_right_margin", "flagged", "expected", "ok", "apparent", "check_s", "check_cpu_s"]
+               "left_right_margin", "flagged", "expected", "ok", "apparent", "check_s",
+               "check_cpu_s"]
     done: set[tuple[str, str]] = set()
     if args.resume and args.out.is_file():
         with open(args.out, encoding="utf-8") as handle:

@@ -3,8 +3,9 @@
 Per image: load and check → RAS → resample to the model's voxel size → N4 → intensity
 normalisation (as the checkpoint says) → register the atlas and warp its distance field →
 check that the header's orientation is the one the atlas fits best
-(:mod:`bids_cadiff.registration.orientation`; a lying header fails QC) → sliding-window CA-Diff sampling inside the brain's bounding box → probabilities resampled onto
-the T1w's own grid → label map, volumes, overlay picture and, last, the JSON sidecar. The sidecar
+(:mod:`bids_cadiff.registration.orientation`; a lying header fails QC) → sliding-window
+CA-Diff sampling inside the brain's bounding box → probabilities resampled onto the T1w's own
+grid → label map, volumes, overlay picture and, last, the JSON sidecar. The sidecar
 is the "finished" mark: a rerun skips images that have it (``--overwrite`` recomputes, and
 removes the old sidecar before it writes anything), and every file is written atomically, so a
 killed run never leaves a finished-looking output.

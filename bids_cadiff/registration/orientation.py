@@ -9,22 +9,28 @@ RAS scored NCC 0.445 and came out with caudate and putamen in the back of the br
 How (:func:`check_orientation`): the image, RAS-reoriented (:func:`~bids_cadiff.imaging.
 preprocess.to_ras`), smoothed and resampled to ``resolution_mm`` (4 mm) and cropped to its
 foreground, is tried in the 8 orientations that differ from the header's by reversing world
-axes: as given, each axis flipped (L-R, A-P, S-I), each 180° rotation (about L-R = A-P and S-I
-flipped, about A-P = L-R and S-I, about S-I = L-R and A-P) and all three flipped. For each,
-the atlas (with skull, or brain only, as :func:`~bids_cadiff.registration.ants.register_atlas`
-chooses) is registered by a short affine ANTs registration (Mattes MI, from the centres of
-mass), and the fit is the NCC between image and warped atlas inside the warped atlas brain.
+axes (:data:`CANDIDATES`): as given, each axis flipped (L-R, A-P, S-I), each 180° rotation
+(about L-R = A-P and S-I reversed, about A-P = L-R and S-I, about S-I = L-R and A-P) and all
+three reversed. For each, the atlas (with skull, or brain only, as
+:func:`~bids_cadiff.registration.ants.register_atlas` chooses) is registered by a short affine
+ANTs registration (Mattes MI, 30 + 15 iterations at 8 and 4 mm, from the centres of mass),
+and the fit is the NCC between image and warped atlas inside the warped atlas brain. When no
+orientation fits with NCC 0.5 or more (a head pitched 20° or more from the atlas), all 8 are
+fitted again from starts pitched ±25° about L-R, and each keeps its better fit.
 
 Decision (:func:`decide`): left and right cannot be told apart from the anatomy (the brain is
-nearly mirror-symmetric; on the 18 real images of the shared data the L-R flip fitted better
-than the true orientation in about half of them, by up to 0.04 NCC). So orientations are
-grouped in L-R pairs, and each pair scores its better fit: 4 groups (as given; A-P reversed;
-S-I reversed; both). The header is flagged when another group fits better than the header's
-by more than :data:`DEFAULT_MARGIN`; the message names the orientation the voxels appear to
-have, with both possible left-right readings. A pure left-right flip is never flagged: the
-check cannot see it (see ``docs/qc.md`` for the measurements).
+nearly mirror-symmetric: on the 16 real images of the shared data the mirrored image fitted
+better than the true one in 10, by up to 0.03 NCC, and worse by up to 0.09). So orientations
+are grouped in L-R pairs, and each pair scores its better fit: 4 groups (as given; A-P
+reversed; S-I reversed; both). The header is flagged when another group fits better than the
+header's by more than :data:`DEFAULT_MARGIN`; the message names the orientation the voxels
+appear to have, with both left-right readings. A pure left-right flip is never flagged: the
+check cannot see it. Measurements: ``docs/qc.md`` and ``artifacts/orientation/``
+(``benchmarks/orientation.py``).
 
-Cost: 8 affine registrations of ~45×55×45 voxels, about 4 s of CPU time per image.
+Cost: 8 affine registrations of about 45×55×45 voxels: 3.4 s (brain only) to 4.6 s (head) of
+CPU time per image on average, about as much wall time on 2 threads; twice to three times
+that when the second pass runs.
 """
 
 from __future__ import annotations
@@ -87,13 +93,13 @@ CANDIDATES: dict[str, tuple[bool, bool, bool]] = {
 DEFAULT_MARGIN = 0.10
 #: How :data:`DEFAULT_MARGIN` was chosen (shown in every sidecar's QC ``Checks``).
 MARGIN_CHOSEN_ON = (
-    "18 real T1w (fstd sub-01..07 T1.mgz and brainmask.mgz, chris_t1, t1_crop; "
-    "benchmarks/orientation.py, artifacts/orientation/): with a correct header the header's "
-    "orientation fitted the atlas better than any A-P/S-I-reversed one by 0.24 to 0.42 NCC; "
-    "with each of the 7 flipped/rotated headers the true orientation fitted better than the "
-    "header's by the same amounts. 0.10 keeps 0.14 of room for the detection and 0.34 against "
-    "false flags. Left-right flips alone are not detectable (differences of -0.04 to +0.04) "
-    "and never flagged"
+    "16 real T1w (fstd sub-01..07 T1.mgz and brainmask.mgz, chris_t1, t1_crop), each with its "
+    "true header and with the 7 lying ones (benchmarks/orientation.py, "
+    "artifacts/orientation/): with the true header, the best A-P/S-I-reversed orientation fitted "
+    "worse than the header's by 0.25 to 0.42 NCC; with each A-P/S-I-reversing lie, the true "
+    "orientation fitted better than the header's by 0.22 to 0.72. 0.10 leaves 0.35 against "
+    "false flags (0.14 on cut or tilted images) and 0.12 for detection. A left-right flip alone "
+    "is not detectable (the mirrored image fitted better in 10 of the 16) and never flagged"
 )
 
 _AXIS_LETTERS = (("R", "L"), ("A", "P"), ("S", "I"))
@@ -184,7 +190,7 @@ class OrientationCheck:
 
     def reversed_axes(self) -> tuple[bool, bool, bool]:
         """World axes (R, A, S) the best group reverses (L-R is always False: unknown)."""
-        lr, ap, si = CANDIDATES[self.best]
+        _, ap, si = CANDIDATES[self.best]
         return (False, ap, si)
 
     def message(self) -> str:
@@ -195,7 +201,8 @@ class OrientationCheck:
         what = " and ".join(w for w, r in zip(_AXIS_WORDS, axes) if r)
         voxel_axes = [i for i, code in enumerate(self.header_codes)
                       if any(r and code in _AXIS_LETTERS[a] for a, r in enumerate(axes))]
-        flip_text = " and ".join(str(i) for i in voxel_axes)
+        flip_text = ("axis " if len(voxel_axes) == 1 else "axes ") + " and ".join(
+            str(i) for i in voxel_axes)
         given = _group_score(self.scores, (False, False))
         return (
             f"the voxels look like {self.apparent[0]} (or {self.apparent[1]}: left and right "
@@ -203,7 +210,7 @@ class OrientationCheck:
             f"{self.header_codes}: {what} are swapped (the atlas fits {given + self.margin:.2f} "
             f"that way against {given:.2f} as the header has it), so these labels are wrong. "
             f"Fix the header: reconvert the image from its DICOMs (e.g. with dcm2niix), or "
-            f"reverse voxel axis {flip_text} in its affine "
+            f"reverse voxel {flip_text} in its affine "
             f"(bids_cadiff.registration.orientation.corrected_affine), check it against an "
             f"atlas in a viewer, then rerun with --overwrite"
         )
@@ -468,7 +475,9 @@ def check_orientation(
                    params=asdict(params))
 
 
-def _voxel_flip(affine: np.ndarray, shape: Sequence[int], world_axes: Sequence[bool]) -> np.ndarray:
+def _voxel_flip(
+    affine: np.ndarray, shape: Sequence[int], world_axes: Sequence[bool]
+) -> np.ndarray:
     """``(4, 4)`` voxel-index map reversing the voxel axes closest to the given world axes."""
     ornt = nib.orientations.io_orientation(np.asarray(affine, dtype=float))
     flip = np.column_stack([np.arange(3), np.ones(3)])
@@ -478,7 +487,9 @@ def _voxel_flip(affine: np.ndarray, shape: Sequence[int], world_axes: Sequence[b
     return nib.orientations.inv_ornt_aff(flip, tuple(int(s) for s in shape[:3]))
 
 
-def flip_header(affine: np.ndarray, shape: Sequence[int], world_axes: Sequence[bool]) -> np.ndarray:
+def flip_header(
+    affine: np.ndarray, shape: Sequence[int], world_axes: Sequence[bool]
+) -> np.ndarray:
     """A lying header for tests and benchmarks: the same voxels mirrored in world space.
 
     Args:
@@ -494,7 +505,9 @@ def flip_header(affine: np.ndarray, shape: Sequence[int], world_axes: Sequence[b
     return np.asarray(affine, dtype=float) @ _voxel_flip(affine, shape, world_axes)
 
 
-def corrected_affine(affine: np.ndarray, shape: Sequence[int], check: OrientationCheck) -> np.ndarray:
+def corrected_affine(
+    affine: np.ndarray, shape: Sequence[int], check: OrientationCheck
+) -> np.ndarray:
     """The affine that undoes what ``check`` found (the voxel axes it saw reversed, keeping
     the header's left-right reading, which the check cannot judge).
 

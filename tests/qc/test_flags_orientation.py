@@ -32,7 +32,7 @@ def test_a_lying_header_fails_qc_naming_the_voxels_orientation() -> None:
     assert "the header says LPS" in flag["Reason"]
     [entry] = [c for c in qc["Checks"] if c["Check"] == "orientation"]
     assert "left-right flips are not detectable" in entry["Threshold"]
-    assert "18 real T1w" in entry["ChosenOn"]
+    assert "16 real T1w" in entry["ChosenOn"]
 
 
 def test_a_correct_header_passes_and_the_check_is_listed() -> None:
