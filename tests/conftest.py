@@ -166,6 +166,41 @@ def _remove_cli_log_handlers():
             root.removeHandler(handler)
 
 
+def save_tiny_model(path: Path, inputs: dict | None = None) -> Path:
+    """An untrained 4-class CA-Diff checkpoint at 4 mm (seconds to run); ``inputs`` as the
+    checkpoint's ``inputs`` (how its inputs were made)."""
+    import torch
+
+    from bids_cadiff.inference.checkpoint import ModelMetadata, save_checkpoint
+    from bids_cadiff.labels import SYNTHSEG32, LabelTable
+    from bids_cadiff.models.config import DiffusionConfig, ModelConfig
+    from bids_cadiff.models.diffusion import CADiff
+
+    torch.manual_seed(0)
+    model = CADiff(
+        ModelConfig(spatial_dims=3, num_classes=4, channels=(4, 8), time_embed_dim=16),
+        DiffusionConfig(sampling_steps=2),
+    )
+    extra = {"inputs": inputs} if inputs is not None else {}
+    save_checkpoint(
+        path, model,
+        ModelMetadata(name="tiny", labels=LabelTable(SYNTHSEG32.entries[:4]),
+                      normalization={"method": "percentile"}, voxel_size=(4.0, 4.0, 4.0),
+                      patch_size=(24, 24, 24), **extra),
+    )
+    return path
+
+
+def save_phantom_atlas(folder: Path) -> Path:
+    """A phantom atlas in ``folder``: ``phantom.nii.gz`` (with skull) and its brain mask."""
+    from tests.registration.conftest import make_phantom
+
+    data, brain, affine = make_phantom(skull=True)
+    nib.save(nib.Nifti1Image(data, affine), folder / "phantom.nii.gz")
+    nib.save(nib.Nifti1Image(brain.astype(np.uint8), affine), folder / "phantom_brain.nii.gz")
+    return folder
+
+
 @pytest.fixture(scope="session")
 def phantom_app_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """What a real participant-level run needs, small enough for tests: a phantom atlas, a
@@ -178,30 +213,10 @@ def phantom_app_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
     import gzip
     import json
 
-    import torch
-
-    from bids_cadiff.inference.checkpoint import ModelMetadata, save_checkpoint
-    from bids_cadiff.labels import SYNTHSEG32, LabelTable
-    from bids_cadiff.models.config import DiffusionConfig, ModelConfig
-    from bids_cadiff.models.diffusion import CADiff
     from tests.registration.conftest import make_phantom
 
-    torch.manual_seed(0)
-    model = CADiff(
-        ModelConfig(spatial_dims=3, num_classes=4, channels=(4, 8), time_embed_dim=16),
-        DiffusionConfig(sampling_steps=2),
-    )
-    model_path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_checkpoint(
-        model_path, model,
-        ModelMetadata(name="tiny", labels=LabelTable(SYNTHSEG32.entries[:4]),
-                      normalization={"method": "percentile"}, voxel_size=(4.0, 4.0, 4.0),
-                      patch_size=(24, 24, 24)),
-    )
-    atlas_dir = tmp_path_factory.mktemp("atlas")
-    data, brain, affine = make_phantom(skull=True)
-    nib.save(nib.Nifti1Image(data, affine), atlas_dir / "phantom.nii.gz")
-    nib.save(nib.Nifti1Image(brain.astype(np.uint8), affine), atlas_dir / "phantom_brain.nii.gz")
+    model_path = save_tiny_model(tmp_path_factory.mktemp("model") / "tiny.pt")
+    atlas_dir = save_phantom_atlas(tmp_path_factory.mktemp("atlas"))
 
     root = tmp_path_factory.mktemp("bids")
     (root / "dataset_description.json").write_text(

@@ -211,11 +211,13 @@ def default_prepare(
     cache_dir: Path | None,
     image_path: Path | None = None,
     registration: str = "syn",
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Preprocess a T1w and bring the atlas field onto its model grid.
 
     Returns:
-        ``(image (X, Y, Z) float32, distance (3, X, Y, Z) float32, affine (4, 4))``.
+        ``(image (X, Y, Z) float32, distance (3, X, Y, Z) float32, affine (4, 4),
+        corrected (X, Y, Z) float32)``; ``corrected``: the N4-corrected intensities before
+        normalisation (the skull-stripped training input is derived from them).
     """
     from bids_cadiff.registration.ants import register_atlas, warp_distance_field
 
@@ -225,15 +227,16 @@ def default_prepare(
     )
     grid = _preprocess(t1, settings)
     image = _normalise(grid, normalization)
+    corrected = np.asanyarray(grid.dataobj).astype(np.float32)
     if registration == "none":
-        return image, identity_distance_field(atlas, grid), np.asarray(grid.affine)
+        return image, identity_distance_field(atlas, grid), np.asarray(grid.affine), corrected
     reg = register_atlas(
         grid, atlas, cache_dir=cache_dir, image_path=image_path,
         type_of_transform="SyN" if registration == "syn" else "Affine",
     )
     atlas_img, atlas_field = atlas_distance_field(atlas)
     distance = warp_distance_field(np.asarray(atlas_field), atlas_img, reg, grid)
-    return image, distance, np.asarray(grid.affine)
+    return image, distance, np.asarray(grid.affine), corrected
 
 
 def _save_npz(path: Path, prepared: PreparedTrainingImage) -> None:
@@ -355,13 +358,11 @@ def _prepare_t1(
     N4-corrected intensities before normalisation)."""
     cache_dir = work_dir / "registration"
     if prepare_fn is None or settings.registration != "syn":
-        image, distance, affine = default_prepare(
+        return default_prepare(
             t1, atlas=settings.atlas, voxel_size=settings.voxel_size,
             normalization=settings.normalization, cache_dir=cache_dir, image_path=image_path,
             registration=settings.registration,
         )
-        corrected = np.asanyarray(_preprocess(t1, settings).dataobj).astype(np.float32)
-        return image, distance, affine, corrected
     result = prepare_fn(
         t1, atlas=settings.atlas, voxel_size=settings.voxel_size,
         normalization=settings.normalization, cache_dir=cache_dir, image_path=image_path,

@@ -24,30 +24,12 @@ FAST_SUBJECTS = tuple(f"{i:02d}" for i in range(1, 9))
 def fast_app_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """``{"bids": dir, "atlas": atlas T1w, "model": checkpoint}``; participants
     :data:`FAST_SUBJECTS`, one skull-stripped T1w each (``sub-XX/anat/sub-XX_T1w.nii.gz``)."""
-    import torch
-
-    from bids_cadiff.inference.checkpoint import ModelMetadata, save_checkpoint
-    from bids_cadiff.labels import SYNTHSEG32, LabelTable
-    from bids_cadiff.models.config import DiffusionConfig, ModelConfig
-    from bids_cadiff.models.diffusion import CADiff
+    from tests.conftest import save_phantom_atlas, save_tiny_model
     from tests.registration.conftest import make_phantom
 
-    torch.manual_seed(0)
-    model = CADiff(
-        ModelConfig(spatial_dims=3, num_classes=4, channels=(4, 8), time_embed_dim=16),
-        DiffusionConfig(sampling_steps=2),
-    )
-    model_path = tmp_path_factory.mktemp("fast_model") / "tiny-affine.pt"
-    save_checkpoint(
-        model_path, model,
-        ModelMetadata(name="tiny", labels=LabelTable(SYNTHSEG32.entries[:4]),
-                      normalization={"method": "percentile"}, voxel_size=(4.0, 4.0, 4.0),
-                      patch_size=(24, 24, 24), inputs={"registration": "affine"}),
-    )
-    atlas_dir = tmp_path_factory.mktemp("fast_atlas")
-    data, brain, affine = make_phantom(skull=True)
-    nib.save(nib.Nifti1Image(data, affine), atlas_dir / "phantom.nii.gz")
-    nib.save(nib.Nifti1Image(brain.astype(np.uint8), affine), atlas_dir / "phantom_brain.nii.gz")
+    model_path = save_tiny_model(tmp_path_factory.mktemp("fast_model") / "tiny-affine.pt",
+                                 inputs={"registration": "affine"})
+    atlas_dir = save_phantom_atlas(tmp_path_factory.mktemp("fast_atlas"))
 
     root = tmp_path_factory.mktemp("fast_bids")
     (root / "dataset_description.json").write_text(
