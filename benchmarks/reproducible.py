@@ -1,14 +1,16 @@
 #!/usr/bin/env python
 """Run-to-run agreement and cost of ``--reproducible``, through the app.
 
-    python benchmarks/reproducible.py [T1W] [--threads 2]
+    python benchmarks/reproducible.py [T1W] [--threads 2] [--compare runs|threads]
 
 Builds a one-subject BIDS dataset around the T1w (default: ../shared/data/raw_t1/chris_t1.nii.gz)
-and runs the participant level four times, each in its own process with a fresh work dir (no
-cached registration): twice as is (the baseline) and twice with ``--reproducible``. Prints the
-seconds per stage, the time ratio against the baseline, and for each pair of runs the fraction
-of brain voxels with the same label, whether the label maps are identical, and the left
-hippocampus' Dice between them.
+and runs the participant level, each run in its own process with a fresh work dir (no cached
+registration). ``--compare runs`` (the default): four runs, twice as is (the baseline) and
+twice with ``--reproducible``. ``--compare threads``: ``--reproducible`` with ``--threads`` and
+with one thread (``--reproducible`` registers single-threaded either way, so the runs differ
+only in PyTorch's thread count). Prints the seconds per stage, the time ratio against the
+baseline (``runs``), and for each pair of runs the fraction of brain voxels with the same
+label, whether the label maps are identical, and the left hippocampus' Dice between them.
 """
 
 from __future__ import annotations
@@ -28,14 +30,19 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_T1W = REPO.parent / "shared" / "data" / "raw_t1" / "chris_t1.nii.gz"
-RUNS = (("default 1", ()), ("default 2", ()), ("reproducible 1", ("--reproducible",)),
-        ("reproducible 2", ("--reproducible",)))
+#: (name, extra options, threads: None for --threads)
+RUNS = (("default 1", (), None), ("default 2", (), None),
+        ("reproducible 1", ("--reproducible",), None),
+        ("reproducible 2", ("--reproducible",), None))
+THREAD_RUNS = (("reproducible N threads", ("--reproducible",), None),
+               ("reproducible 1 thread", ("--reproducible",), 1))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("t1w", type=Path, nargs="?", default=None)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compare", choices=("runs", "threads"), default="runs")
     args = parser.parse_args(argv)
     t1w = args.t1w or DEFAULT_T1W
     if not t1w.is_file():
@@ -48,11 +55,14 @@ def main(argv: list[str] | None = None) -> int:
         (bids / "dataset_description.json").write_text(
             json.dumps({"Name": "benchmark", "BIDSVersion": "1.10.0"}))
         shutil.copy(t1w, bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz")
-        for k, (name, extra) in enumerate(RUNS):
+        for k, (name, extra, threads) in enumerate(
+                RUNS if args.compare == "runs" else THREAD_RUNS):
+            threads = threads or args.threads
+            name = name.replace("N threads", f"{args.threads} threads")
             out = root / f"out{k}"
             cmd = [sys.executable, "-m", "bids_cadiff.cli.run", str(bids), str(out), "participant",
                    "-w", str(root / f"work{k}"), "--skip-bids-validation", "--no-reports",
-                   "--nprocs", str(args.threads), "--omp-nthreads", str(args.threads), *extra]
+                   "--nprocs", str(threads), "--omp-nthreads", str(threads), *extra]
             start = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True)
             wall = time.perf_counter() - start
@@ -69,9 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, (wall, secs, ncc, _) in results.items():
         print(f"{name:16s}" + "".join(f"{secs.get(s, 0.0):13.1f}" for s in stages)
               + f"{wall:9.1f}{ncc:8.4f}")
-    base = np.mean([results[n][0] for n in ("default 1", "default 2")])
-    repro = np.mean([results[n][0] for n in ("reproducible 1", "reproducible 2")])
-    print(f"--reproducible wall time: {repro:.1f} s against {base:.1f} s ({repro / base:.2f}x)")
+    if args.compare == "runs":
+        base = np.mean([results[n][0] for n in ("default 1", "default 2")])
+        repro = np.mean([results[n][0] for n in ("reproducible 1", "reproducible 2")])
+        print(f"--reproducible wall time: {repro:.1f} s against {base:.1f} s "
+              f"({repro / base:.2f}x)")
     for a, b in itertools.combinations(results, 2):
         la, lb = results[a][3], results[b][3]
         brain = (la > 0) | (lb > 0)

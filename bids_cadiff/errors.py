@@ -17,7 +17,20 @@ class UsageError(CadiffError):
     """The command line or the datasets it names cannot be used (exit code 2)."""
 
 
-class InputError(CadiffError):
+class _PathError(CadiffError):
+    """An error about one file: ``(path, reason)``. Pickles with both (an image fails in a
+    worker process and its error is sent back: a plain ``Exception`` pickles only its message,
+    which ``__init__(path, reason)`` cannot take, and the unpickling error breaks the whole
+    worker pool)."""
+
+    path: Path
+    reason: str
+
+    def __reduce__(self) -> tuple[type, tuple[Path, str]]:
+        return type(self), (self.path, self.reason)
+
+
+class InputError(_PathError):
     """One input image (or label map) cannot be processed.
 
     Args:
@@ -35,7 +48,7 @@ class RegistrationError(InputError):
     """The atlas could not be registered to an image well enough to trust its distance field."""
 
 
-class CheckpointError(CadiffError):
+class CheckpointError(_PathError):
     """A model checkpoint is missing, corrupt, truncated or does not match what it claims.
 
     Args:
@@ -49,7 +62,7 @@ class CheckpointError(CadiffError):
         super().__init__(f"model checkpoint {self.path}: {reason}")
 
 
-class OutputError(CadiffError):
+class OutputError(_PathError):
     """An output could not be written (full disk, quota, permissions); the image's partial
     outputs have been removed.
 

@@ -27,7 +27,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -56,6 +56,7 @@ from bids_cadiff.io.faults import kill_point
 from bids_cadiff.io.locks import exclusive_lock, holder
 from bids_cadiff.io.nifti import load_t1w
 from bids_cadiff.labels import LabelTable
+from bids_cadiff.qc.coverage import face_cuts
 from bids_cadiff.qc.flags import QCReference, load_reference, qc_flags
 from bids_cadiff.qc.structures import QC_COLUMNS, structure_rows
 from bids_cadiff.reports.overlay import overlay_png
@@ -365,7 +366,8 @@ def orientation_of(
     grid = nib.Nifti1Image(prepared.corrected if prepared.corrected is not None
                            else prepared.image, prepared.affine)
     try:
-        return check_orientation(grid, atlas, header_codes=codes)
+        return check_orientation(grid, atlas, header_codes=codes,
+                                 brain_only=prepared.registration.brain_only)
     except (RuntimeError, ValueError) as exc:  # antspyx raises both from C++
         log.warning("%s: the orientation check could not run (%s): QC goes on without it",
                     image_path or "T1w", exc)
@@ -512,6 +514,9 @@ def _write_outputs(
         rows, registration_ncc=reg.quality, brain_only=reg.brain_only,
         brain_uncertainty=brain_uncertainty, reference=qc_reference(table),
         orientation=result.orientation,
+        coverage=face_cuts(labels, t1.affine, t1.header.get_zooms()[:3],
+                           {e.value: e.abbreviation for e in table.entries}),
+        voxel_size=t1.header.get_zooms()[:3],
     )
     deriv.write_qc_table(deriv.qc_table_path(out, entities), rows, QC_COLUMNS)
     if config.reports:
@@ -654,6 +659,50 @@ def _worker(record: T1wRecord, config: RunConfig, model_path: Path, atlas: Atlas
                           device=torch.device(device))
 
 
+def _is_broken_pool(outcome: object) -> bool:
+    return type(outcome).__name__ == "BrokenProcessPool"
+
+
+def _run_in_workers(
+    todo: Sequence[T1wRecord], workers: int, config: RunConfig, model_path: Path,
+    atlas: AtlasSpec, device: str,
+    report: Callable[[T1wRecord, dict[str, float] | BaseException], None],
+) -> None:
+    """Process ``todo`` in ``workers`` spawned processes; ``report`` gets each outcome.
+
+    A worker that dies (the OOM killer, a crash in a native library) breaks the whole pool, and
+    every image still in it fails with it. Those images are run again, each in a fresh
+    one-worker pool, so that only the image that kills its worker fails ("worker process
+    died"), not the ones that happened to run beside it.
+    """
+    import concurrent.futures as cf
+    import multiprocessing
+
+    def run(batch: Sequence[T1wRecord], processes: int, isolated: bool) -> list[T1wRecord]:
+        broken: list[T1wRecord] = []
+        with cf.ProcessPoolExecutor(
+            processes, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_worker_init, initargs=(config.omp_nthreads, config.reproducible),
+        ) as pool:
+            futures = {pool.submit(_worker, r, config, model_path, atlas, device): r for r in batch}
+            for future in tqdm(cf.as_completed(futures), total=len(futures), desc="T1w images",
+                               unit="image", disable=isolated):
+                exc = future.exception()
+                if exc is not None and _is_broken_pool(exc) and not isolated:
+                    broken.append(futures[future])
+                else:
+                    report(futures[future], exc if exc is not None else future.result())
+        return broken
+
+    broken = run(todo, workers, isolated=False)
+    if broken:
+        log.warning("a worker process died and took %d image(s) with it (%s); running them "
+                    "again one at a time, so that only the image that kills its worker fails",
+                    len(broken), ", ".join(r.relpath for r in broken))
+    for record in tqdm(broken, desc="T1w images again", unit="image", disable=len(broken) < 2):
+        run([record], 1, isolated=True)
+
+
 def _write_error_record(output_dir: Path, record: T1wRecord, reason: str) -> None:
     """Keep a failed image's reason for the reports (removed when it later succeeds)."""
     try:
@@ -751,7 +800,7 @@ def run_participant(config: RunConfig) -> int:
             deriv.error_record_path(config.output_dir, record.entities).unlink(missing_ok=True)
 
     def _report(record: T1wRecord, outcome: dict[str, float] | BaseException) -> None:
-        if type(outcome).__name__ == "BrokenProcessPool":
+        if _is_broken_pool(outcome):
             log.error("FAILED %s: a worker process died (out of memory?); rerun with fewer "
                       "--nprocs or more memory: finished images are kept", record.path)
             failures.append((record.path, "worker process died"))
@@ -768,22 +817,9 @@ def run_participant(config: RunConfig) -> int:
                      ", ".join(f"{k} {v:.1f} s" for k, v in outcome.items()))
 
     if workers > 1:
-        import concurrent.futures as cf
-        import multiprocessing
-
         log.info("%d images in %d worker processes, %d threads each", len(todo), workers,
                  config.omp_nthreads)
-        with cf.ProcessPoolExecutor(
-            workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_worker_init, initargs=(config.omp_nthreads, config.reproducible),
-        ) as pool:
-            futures = {
-                pool.submit(_worker, r, config, loaded.path, atlas, str(device)): r for r in todo
-            }
-            for future in tqdm(cf.as_completed(futures), total=len(futures), desc="T1w images",
-                               unit="image"):
-                exc = future.exception()
-                report(futures[future], exc if exc is not None else future.result())
+        _run_in_workers(todo, workers, config, loaded.path, atlas, str(device), report)
     else:
         for record in tqdm(todo, desc="T1w images", unit="image", disable=len(todo) < 2):
             log.info("%s: segmenting", record.relpath)

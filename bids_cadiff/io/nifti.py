@@ -67,7 +67,7 @@ def load_t1w(path: str | Path) -> nib.Nifti1Image:
     if not np.all((zooms >= VOXEL_RANGE_MM[0]) & (zooms <= VOXEL_RANGE_MM[1])):
         raise InputError(
             path,
-            f"has voxel size {tuple(zooms.round(3))} mm, outside the plausible "
+            f"has voxel size {' x '.join(f'{z:g}' for z in zooms.round(3))} mm, outside the plausible "
             f"{VOXEL_RANGE_MM[0]}-{VOXEL_RANGE_MM[1]} mm; check the header's pixdim",
         )
     fov = np.asarray(data.shape) * zooms
@@ -75,8 +75,8 @@ def load_t1w(path: str | Path) -> nib.Nifti1Image:
         raise InputError(
             path,
             f"is too small to be a head or brain image (shape {data.shape}, field of view "
-            f"{tuple(fov.round(1))} mm; needs >= {MIN_VOXELS} voxels and >= {MIN_FOV_MM:.0f} mm "
-            "per axis)",
+            f"{' x '.join(f'{v:g}' for v in fov.round(1))} mm; needs >= {MIN_VOXELS} voxels "
+            f"and >= {MIN_FOV_MM:.0f} mm per axis)",
         )
     finite = np.isfinite(data)
     if not finite.all():

@@ -38,7 +38,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -468,6 +468,9 @@ def register_atlas(
 
     try:
         result = _register(data, fixed.affine, atlas, params, workdir, name, ants)
+        if result.quality < min_quality and atlas.has_skull:
+            result = _other_kind_if_better(result, data, fixed.affine, atlas, params, workdir,
+                                           name, ants)
         if result.quality < min_quality:
             raise RegistrationError(
                 name,
@@ -505,6 +508,39 @@ def register_atlas(
     )
 
 
+def _other_kind_if_better(
+    first: Registration, data: np.ndarray, affine: np.ndarray, atlas: AtlasSpec,
+    params: RegistrationParams, workdir: Path, name: Path, ants: Any,
+) -> Registration:
+    """A registration below the quality threshold, tried again as the other kind of image
+    (with skull instead of brain only, or the reverse); the better of the two, its transforms
+    in ``workdir``.
+
+    Whether an image is skull-stripped is judged from its foreground volume
+    (:func:`~bids_cadiff.imaging.preprocess.looks_skull_stripped`), which a field of view that
+    cuts the head (through the cerebellum) makes look like a brain's.
+    """
+    kinds = ("a head with skull", "a skull-stripped brain")
+    logger.warning("%s: registered as %s, the atlas fits poorly (NCC %.3f); trying it as %s",
+                   name, kinds[first.brain_only], first.quality, kinds[not first.brain_only])
+    other_dir = workdir / "other"
+    other_dir.mkdir()
+    try:
+        other = _register(data, affine, atlas, params, other_dir, name, ants,
+                          brain_only=not first.brain_only)
+        if other.quality <= first.quality:
+            return first
+        for path in first.forward_transforms:
+            path.unlink()
+        moved = tuple(path.rename(workdir / path.name) for path in other.forward_transforms)
+        logger.warning("%s: registered as %s instead (NCC %.3f)", name,
+                       kinds[other.brain_only], other.quality)
+        return replace(other, forward_transforms=moved,
+                       seconds=first.seconds + other.seconds)
+    finally:
+        shutil.rmtree(other_dir, ignore_errors=True)
+
+
 def _register(
     data: np.ndarray,
     affine: np.ndarray,
@@ -513,13 +549,17 @@ def _register(
     workdir: Path,
     name: Path,
     ants: Any,
+    brain_only: bool | None = None,
 ) -> Registration:
+    """One registration into ``workdir``; ``brain_only``: register the brain-extracted atlas
+    (``None``: when the image looks skull-stripped or the atlas has no skull)."""
     start = time.perf_counter()
     data = np.nan_to_num(np.asarray(data, dtype=np.float32))
     if not np.any(data > 0):
         raise RegistrationError(name, "the image has no positive voxels; is it a T1w image?")
     atlas_images = load_atlas(atlas)
-    brain_only = looks_skull_stripped(data, affine) or not atlas.has_skull
+    if brain_only is None:
+        brain_only = looks_skull_stripped(data, affine) or not atlas.has_skull
     moving_nib = atlas_images.brain_image() if brain_only else atlas_images.t1
     fixed_img = _downsample(nib_to_ants(nib.Nifti1Image(data, affine)), params.resolution_mm)
     moving_img = _downsample(nib_to_ants(moving_nib), params.resolution_mm)

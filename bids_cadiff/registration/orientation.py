@@ -415,6 +415,7 @@ def check_orientation(
     *,
     header_codes: str | None = None,
     params: OrientationParams | None = None,
+    brain_only: bool | None = None,
 ) -> OrientationCheck:
     """Fit the atlas to the image in each orientation of :data:`CANDIDATES` and decide whether
     the header's is wrong (module docstring).
@@ -426,6 +427,8 @@ def check_orientation(
         header_codes: axis codes of the image as stored, for the message (the app passes the
             T1w file's; default: ``nibabel.aff2axcodes(image.affine)``).
         params: settings (default :class:`OrientationParams`).
+        brain_only: fit the brain-extracted atlas (the app passes what its registration used;
+            default: when the image looks skull-stripped or the atlas has no skull).
 
     Returns:
         :class:`OrientationCheck` with the 8 fits and the decision.
@@ -443,7 +446,8 @@ def check_orientation(
     data = np.nan_to_num(np.asanyarray(ras.dataobj).astype(np.float32))
     if not np.any(data > 0):
         raise ValueError("the image has no positive voxel")
-    brain_only = looks_skull_stripped(data, ras.affine) or not atlas.has_skull
+    if brain_only is None:
+        brain_only = looks_skull_stripped(data, ras.affine) or not atlas.has_skull
     small = _crop_to_foreground(_smooth_resample(nib.Nifti1Image(data, ras.affine),
                                                  params.resolution_mm))
     moving, mask = _atlas_images(atlas, brain_only, float(params.resolution_mm))

@@ -82,7 +82,8 @@ def test_participant_outputs_resume_and_failures(dataset, tiny_model, tmp_path, 
     assert len(qc_rows) == 1 + len(TABLE.entries) - 1
     side1 = json.loads((out / "sub-01/anat/sub-01_desc-cadiff_dseg.json").read_text())
     assert side1["QC"]["Status"] in ("pass", "fail")
-    assert [c["Check"] for c in side1["QC"]["Checks"]] == ["orientation", "missing"]  # no reference: 4 labels
+    assert [c["Check"] for c in side1["QC"]["Checks"]] == [
+        "orientation", "coverage", "resolution", "missing"]  # no reference: 4 labels
     assert side1["Uncertainty"]["Samples"] == 1 and 0 <= side1["Uncertainty"]["BrainMean"] <= 1
     records = sorted(p.name for p in (out / "logs").glob("*_error.json"))
     assert records == ["sub-03_desc-cadiff_error.json", "sub-04_desc-cadiff_error.json"]

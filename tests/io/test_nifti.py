@@ -1,4 +1,5 @@
 import gzip
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -137,3 +138,25 @@ def test_label_map_reference_grid_needs_shape_and_affine(tmp_path):
     path = _save_labels(tmp_path / "sub-01_dseg.nii.gz", _labels())
     with pytest.raises(ValueError, match="both ref_shape and ref_affine"):
         load_label_map(path, ref_shape=LABEL_SHAPE)
+
+
+@pytest.mark.parametrize("dtype, scale, suffix", [
+    (np.uint8, 1.0, ".nii.gz"), (np.int16, 16.0, ".nii.gz"), (np.float64, 1.0, ".nii.gz"),
+    (np.float32, 1e-3, ".nii.gz"), (np.float32, 1e4, ".nii.gz"), (np.uint8, 1.0, ".nii"),
+])
+def test_data_types_and_scalings_read_to_the_same_normalised_image(
+        tmp_path: Path, dtype, scale, suffix) -> None:
+    """uint8, int16, float64 data, intensities × 1e-3 or × 1e4, an uncompressed ``.nii``: the
+    T1w reads as float32 and normalises to the same image (issue #15, item 4)."""
+    from bids_cadiff.imaging.preprocess import normalise_intensity
+
+    rng = np.random.default_rng(1)
+    base = np.clip(rng.normal(100, 30, (20, 22, 24)), 0, 255).round()
+    path = tmp_path / f"t1w{suffix}"
+    nib.save(nib.Nifti1Image((base * scale).astype(dtype), np.diag([3.5, 3.5, 3.5, 1])), path)
+    img = load_t1w(path)
+    assert img.get_data_dtype() == np.float32
+    data = np.asanyarray(img.dataobj)
+    assert data.dtype == np.float32
+    np.testing.assert_allclose(data, base * scale, rtol=1e-6)
+    np.testing.assert_allclose(normalise_intensity(data), normalise_intensity(base), atol=1e-5)

@@ -113,3 +113,15 @@ def test_structures_outside_the_reference_list_are_named_and_not_flagged_missing
     (missing,) = [c for c in qc["Checks"] if c["Check"] == "missing"]
     assert "not checked: L-ILV" in missing["Threshold"]
     assert missing["ChosenOn"] == "what the model labels in training"
+
+
+@pytest.mark.parametrize("zooms, status", [((1.0, 1.0, 1.0), "pass"), ((0.7, 0.7, 0.7), "pass"),
+                                           ((1.0, 1.0, 2.0), "pass"), ((1.0, 3.0, 1.0), "fail")])
+def test_thick_slices_fail_the_resolution_check(zooms, status) -> None:
+    qc = qc_flags([], registration_ncc=1.0, brain_only=False, brain_uncertainty=0.0,
+                  reference=None, voxel_size=zooms)
+    assert qc["Status"] == status
+    assert "resolution" in [c["Check"] for c in qc["Checks"]]
+    if status == "fail":
+        (flag,) = qc["Flags"]
+        assert flag["Check"] == "resolution" and "1 x 3 x 1 mm" in flag["Reason"]

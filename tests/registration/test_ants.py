@@ -106,6 +106,28 @@ def test_skull_stripped_subject_uses_brain_atlas(phantom_atlas: AtlasSpec) -> No
     np.testing.assert_allclose(_field_at_world(warped, fixed, SHIFT), 0.5, atol=0.04)
 
 
+def test_a_poor_fit_is_tried_as_the_other_kind_of_image(
+    phantom_atlas: AtlasSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog,
+) -> None:
+    """A head whose field of view cuts it can look skull-stripped (its foreground volume is a
+    brain's): when the brain-only fit is poor, the fit with skull is tried and kept if better,
+    and it is what the cache holds."""
+    from bids_cadiff.registration import ants as ants_module
+
+    monkeypatch.setattr(ants_module, "looks_skull_stripped", lambda *a: True)  # misjudged
+    fixed = _subject(skull=True)
+    with caplog.at_level("WARNING"):
+        reg = register_atlas(fixed, phantom_atlas, cache_dir=tmp_path, type_of_transform="Affine",
+                             min_quality=0.3)  # brain only: NCC 0.29, with skull 0.31
+    assert not reg.brain_only and reg.quality >= 0.3, reg
+    assert "trying it as a head with skull" in caplog.text
+    assert [p.parent for p in reg.forward_transforms] == [next(tmp_path.iterdir())]
+    assert all(p.is_file() for p in reg.forward_transforms)
+    again = register_atlas(fixed, phantom_atlas, cache_dir=tmp_path, type_of_transform="Affine",
+                           min_quality=0.3)
+    assert again.cached and not again.brain_only and again.quality == reg.quality
+
+
 # ----------------------------------------------------------------------------- real data
 
 def _real(path: Path) -> nib.Nifti1Image:
