@@ -60,6 +60,8 @@ class RunConfig:
         save_probabilities: also write the class probabilities on the T1w's grid (4D probseg).
         reports: write the HTML reports (participant: ``sub-<label>.html``; group:
             ``group/desc-cadiff_report.html``).
+        orientation_check: check the header's orientation (``--skip-orientation-check``
+            turns it off).
         mem_gb: memory budget in GB (``--mem``), or ``None``: images run in parallel only as
             far as it allows :data:`GB_PER_IMAGE` each.
         reproducible: bit-identical outputs for the same input, seed and thread count: ANTs
@@ -87,6 +89,7 @@ class RunConfig:
     samples: int = 1
     save_probabilities: bool = False
     reports: bool = True
+    orientation_check: bool = True
     reproducible: bool = False
     mem_gb: float | None = None
     overwrite: bool = False

@@ -433,7 +433,7 @@ def _segment_and_write(
         t1, loaded, atlas=atlas, steps=config.steps, seed=config.seed, device=device,
         cache_dir=config.work_dir / "registration", image_path=record.path,
         progress=log.isEnabledFor(logging.INFO), refine=refine, samples=config.samples,
-        keep_probabilities=config.save_probabilities, orientation_check=True,
+        keep_probabilities=config.save_probabilities, orientation_check=config.orientation_check,
     )
     try:
         return _write_outputs(record, config, loaded, atlas, device, t1, refine, result, start)

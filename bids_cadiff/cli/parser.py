@@ -336,6 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
         "registrations from run to run",
     )
     other.add_argument(
+        "--skip-orientation-check",
+        action="store_true",
+        help="do not check that the header's orientation is the one the atlas fits best "
+        "(saves about 5 s per image where the headers are known to be right; the QC then has "
+        "no orientation check: docs/qc.md)",
+    )
+    other.add_argument(
         "--no-reports",
         action="store_true",
         help="do not write the HTML reports (sub-<label>.html; group/desc-cadiff_report.html)",
@@ -453,6 +460,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
         samples=opts.samples,
         save_probabilities=opts.save_probabilities,
         reports=not opts.no_reports,
+        orientation_check=not opts.skip_orientation_check,
         reproducible=opts.reproducible,
         mem_gb=opts.mem_gb,
         overwrite=opts.overwrite,

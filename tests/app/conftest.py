@@ -47,13 +47,14 @@ def fast_app_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
 def participant_command(inputs: dict[str, Path], out: Path, work: Path, subject: str,
                         *extra: str) -> list[str]:
     """``bids_cadiff BIDS OUT participant`` for one participant, fastest settings, one thread,
-    ``--reproducible`` (bit-identical labels from run to run)."""
+    ``--reproducible`` (bit-identical labels from run to run), no orientation check (its
+    own tests run it)."""
     return [
         sys.executable, "-m", "bids_cadiff.cli.run", str(inputs["bids"]), str(out),
         "participant", "--participant-label", subject, "--model", str(inputs["model"]),
         "--atlas", str(inputs["atlas"]), "-w", str(work), "--skip-bids-validation",
         "--steps", "2", "--nprocs", "1", "--omp-nthreads", "1", "--no-reports",
-        "--reproducible", *extra,
+        "--reproducible", "--skip-orientation-check", *extra,
     ]
 
 

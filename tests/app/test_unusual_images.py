@@ -79,6 +79,7 @@ def test_unusual_files_give_labels_on_their_own_grid(fast_app_inputs, tmp_path: 
         str(bids), str(out), "participant", "--model", str(fast_app_inputs["model"]),
         "--atlas", str(fast_app_inputs["atlas"]), "-w", str(tmp_path / "work"),
         "--skip-bids-validation", "--steps", "2", "--no-reports", "--omp-nthreads", "1",
+        "--skip-orientation-check",
     ])
     assert code == 0
     for name, (data, affine, suffix) in variants.items():
@@ -88,5 +89,7 @@ def test_unusual_files_give_labels_on_their_own_grid(fast_app_inputs, tmp_path: 
         assert np.allclose(labels.affine, affine, atol=1e-4), name
         assert np.asarray(labels.dataobj).any(), name
         sidecar = json.loads(dseg.with_name(dseg.name.replace(".nii.gz", ".json")).read_text())
-        assert "coverage" in [c["Check"] for c in sidecar["QC"]["Checks"]], name
+        checks = [c["Check"] for c in sidecar["QC"]["Checks"]]
+        assert "coverage" in checks and "resolution" in checks, name
+        assert "orientation" not in checks and "orientation" not in sidecar["StageSeconds"]
     assert not list((out / "logs").glob("*error.json"))

@@ -135,6 +135,7 @@ def test_simulated_command_is_accepted_by_the_parser(tmp_path: Path, inputs: dic
         "save_probabilities": True,
         "reproducible": True,
         "no_reports": True,
+        "skip_orientation_check": True,
         "overwrite": True,
         "verbose": True,
     }
