@@ -65,6 +65,11 @@ class LabelTable:
         return [e.value for e in self.entries]
 
     @property
+    def abbreviations(self) -> dict[int, str]:
+        """Label value → abbreviation, background included."""
+        return {e.value: e.abbreviation for e in self.entries}
+
+    @property
     def num_classes(self) -> int:
         """Number of model output channels, background included."""
         return len(self.entries)

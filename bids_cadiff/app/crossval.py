@@ -212,7 +212,7 @@ def run_crossval(
     names = [m.name for m in methods]
     if len(set(names)) != len(names) or MULTI_ATLAS in names:
         raise UsageError(f"method names must be unique and not {MULTI_ATLAS!r}: {names}")
-    abbreviations = {e.value: e.abbreviation for e in table.entries}
+    abbreviations = table.abbreviations
     score_frames, fold_rows, configs = [], [], {}
 
     def record(method: str, fold: int, images: list[ImageScores]) -> None:

@@ -246,8 +246,7 @@ def run_evaluation(
     )
     if not images:
         return EvaluationResult(images, failed, None)
-    abbreviations = {e.value: e.abbreviation for e in table.entries}
-    scores = scores_table(images, abbreviations)
+    scores = scores_table(images, table.abbreviations)
     summary = summary_table(scores)
     if output is not None:
         write_tsv(scores, output)

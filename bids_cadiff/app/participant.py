@@ -510,13 +510,13 @@ def _write_outputs(
     brain = labels > 0
     brain_uncertainty = float(result.uncertainty[brain].mean()) if brain.any() else 1.0
     reg = result.prepared.registration
+    zooms = t1.header.get_zooms()[:3]
     qc = qc_flags(
         rows, registration_ncc=reg.quality, brain_only=reg.brain_only,
         brain_uncertainty=brain_uncertainty, reference=qc_reference(table),
         orientation=result.orientation,
-        coverage=face_cuts(labels, t1.affine, t1.header.get_zooms()[:3],
-                           {e.value: e.abbreviation for e in table.entries}),
-        voxel_size=t1.header.get_zooms()[:3],
+        coverage=face_cuts(labels, t1.affine, zooms, table.abbreviations),
+        voxel_size=zooms,
     )
     deriv.write_qc_table(deriv.qc_table_path(out, entities), rows, QC_COLUMNS)
     if config.reports:

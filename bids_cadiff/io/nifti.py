@@ -67,8 +67,8 @@ def load_t1w(path: str | Path) -> nib.Nifti1Image:
     if not np.all((zooms >= VOXEL_RANGE_MM[0]) & (zooms <= VOXEL_RANGE_MM[1])):
         raise InputError(
             path,
-            f"has voxel size {' x '.join(f'{z:g}' for z in zooms.round(3))} mm, outside the plausible "
-            f"{VOXEL_RANGE_MM[0]}-{VOXEL_RANGE_MM[1]} mm; check the header's pixdim",
+            f"has voxel size {' x '.join(f'{z:g}' for z in zooms.round(3))} mm, outside the "
+            f"plausible {VOXEL_RANGE_MM[0]}-{VOXEL_RANGE_MM[1]} mm; check the header's pixdim",
         )
     fov = np.asarray(data.shape) * zooms
     if min(data.shape) < MIN_VOXELS or fov.min() < MIN_FOV_MM:

@@ -29,15 +29,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from bids_cadiff.qc.coverage import COVERAGE_CHOSEN_ON, MAX_FACE_AREA_MM2, NOT_COUNTED, FaceCut
+
 if TYPE_CHECKING:  # pragma: no cover
-    from bids_cadiff.qc.coverage import FaceCut
     from bids_cadiff.registration.orientation import OrientationCheck
 
 __all__ = ["CHECKS", "DEFAULT_REFERENCE", "QCReference", "load_reference", "qc_flags"]
 
 #: Names of the checks, in report order.
 CHECKS: tuple[str, ...] = (
-    "registration", "orientation", "coverage", "resolution", "uncertainty", "volume", "missing", "pieces",
+    "registration", "orientation", "coverage", "resolution", "uncertainty", "volume", "missing",
+    "pieces",
 )
 #: Longest voxel side (mm) that passes the ``resolution`` check.
 MAX_VOXEL_MM = 2.0
@@ -180,8 +182,6 @@ def qc_flags(
         if orientation.flagged:
             add(_flag("orientation", None, orientation.margin, limit, orientation.message()))
     if coverage is not None:
-        from bids_cadiff.qc.coverage import COVERAGE_CHOSEN_ON, MAX_FACE_AREA_MM2, NOT_COUNTED
-
         checks.append({
             "Check": "coverage",
             "Threshold": f"at most {MAX_FACE_AREA_MM2:.0f} mm2 of labelled brain (not counting "

@@ -10,7 +10,7 @@ from bids_cadiff.labels import SYNTHSEG32
 from bids_cadiff.qc.coverage import MAX_FACE_AREA_MM2, face_cuts
 from bids_cadiff.qc.flags import qc_flags
 
-ABBREV = {e.value: e.abbreviation for e in SYNTHSEG32.entries}
+ABBREV = SYNTHSEG32.abbreviations
 
 
 def _brain(shape=(40, 40, 40)) -> np.ndarray:
