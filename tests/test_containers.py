@@ -15,7 +15,9 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
+import time
 import tomllib
 from pathlib import Path
 
@@ -431,3 +433,49 @@ def test_docs_show_the_commands() -> None:
 def test_shell_scripts_pass_shellcheck() -> None:
     scripts = [*SBATCH, REPO / "scripts" / "install.sh"]
     subprocess.run(["shellcheck", "-S", "warning", *map(str, scripts)], check=True)
+
+
+def _fake_train_env(tmp_path: Path) -> dict[str, str]:
+    """A PATH whose ``cadiff-train`` waits for USR1 (then exits 138 as the real one does after
+    its checkpoint) and whose ``scontrol`` records its arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "cadiff-train").write_text(
+        "#!/bin/bash\necho \"$@\" > \"$TRAIN_DIR/args\"\ntrap 'exit 138' USR1\n"
+        "touch \"$TRAIN_DIR/started\"\nfor _ in $(seq 300); do sleep 0.1; done\nexit 0\n")
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho \"$@\" >> \"$TRAIN_DIR/scontrol\"\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "BIDS_DIR": str(tmp_path / "ds"),
+            "LABELS_DIR": str(tmp_path / "labels"), "TRAIN_DIR": str(tmp_path / "run"),
+            "SLURM_JOB_ID": "42", "TRAIN_ARGS": "--config recipe.toml"}
+
+
+def test_train_job_forwards_the_warning_signal_and_requeues(tmp_path: Path) -> None:
+    env = _fake_train_env(tmp_path)
+    run = tmp_path / "run"
+    job = subprocess.Popen(["bash", str(SLURM / "cadiff_train.sbatch")], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while not (run / "started").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGUSR1)  # what SLURM sends five minutes before the time limit
+    out, err = job.communicate(timeout=20)
+    assert job.returncode == 0, err
+    assert "requeueing job 42" in out
+    assert (run / "scontrol").read_text().split() == ["requeue", "42"]
+    assert (run / "args").read_text().split()[3:] == [
+        "--resume", "auto", "--no-progress", "--config", "recipe.toml"]
+
+
+def test_train_job_ends_the_chain_when_training_finishes(tmp_path: Path) -> None:
+    env = _fake_train_env(tmp_path)
+    (tmp_path / "bin" / "cadiff-train").write_text("#!/bin/bash\nexit 0\n")
+    done = subprocess.run(["bash", str(SLURM / "cadiff_train.sbatch")], env=env,
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "run" / "scontrol").exists()
+    (tmp_path / "bin" / "cadiff-train").write_text("#!/bin/bash\nexit 1\n")
+    failed = subprocess.run(["bash", str(SLURM / "cadiff_train.sbatch")], env=env,
+                            capture_output=True, text=True, timeout=30, check=False)
+    assert failed.returncode == 1 and not (tmp_path / "run" / "scontrol").exists()

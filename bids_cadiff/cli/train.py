@@ -8,14 +8,19 @@ Multi-GPU (or multi-process CPU)::
 
     torchrun --nproc-per-node 4 $(which cadiff-train) BIDS LABELS OUT --config configs/cadiff_3d.toml
 
-Exit codes: 0 trained; 1 unexpected error or an image that cannot be prepared; 2 usage error
-(one line on stderr); 130 interrupted (resume with ``--resume auto``).
+Exit codes: 0 trained (or stopped by ``--time-limit``, with a checkpoint); 1 unexpected error
+or an image that cannot be prepared; 2 usage error (one line on stderr); 130 interrupted
+(Ctrl-C: resume from the last periodic checkpoint with ``--resume auto``); 143 / 138 stopped by
+SIGTERM / SIGUSR1 after writing a checkpoint of the iteration it was in (SLURM pre-emption or
+``#SBATCH --signal=B:USR1@300``; resume with ``--resume auto``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -88,21 +93,35 @@ def _resume(value: str) -> str | Path:
     return Path(os.path.abspath(path))
 
 
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([hms])")
+
+
 def _duration(value: str) -> float:
-    """Seconds of ``90``, ``90s``, ``45m``, ``7.5h`` or ``HH:MM:SS`` (SLURM's form)."""
+    """Seconds of ``90``, ``90s``, ``45m``, ``7.5h``, ``2h30m``, ``HH:MM:SS`` or ``D-HH:MM:SS``
+    (SLURM's forms)."""
     text = value.strip().lower()
     try:
+        days = 0.0
+        if "-" in text and ":" in text:
+            head, text = text.split("-", 1)
+            days = float(head)
         if ":" in text:
             parts = [float(p) for p in text.split(":")]
             if len(parts) > 3:
                 raise ValueError
-            seconds = sum(p * 60**i for i, p in enumerate(reversed(parts)))
+            seconds = days * 86400 + sum(p * 60**i for i, p in enumerate(reversed(parts)))
+        elif text and text[-1] in "hms":
+            parts = _DURATION_PART.findall(text)
+            if "".join(n + u for n, u in parts) != text or len({u for _, u in parts}) < len(parts):
+                raise ValueError
+            unit = {"s": 1, "m": 60, "h": 3600}
+            seconds = sum(float(n) * unit[u] for n, u in parts)
         else:
-            unit = {"s": 1, "m": 60, "h": 3600}.get(text[-1:], 0)
-            seconds = float(text[:-1]) * unit if unit else float(text)
+            seconds = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"--time-limit {value!r} is not a duration (examples: 90s, 45m, 7.5h, 02:30:00)"
+            f"--time-limit {value!r} is not a duration "
+            "(examples: 90s, 45m, 7.5h, 2h30m, 02:30:00, 1-00:00:00)"
         ) from None
     if seconds <= 0:
         raise argparse.ArgumentTypeError(f"--time-limit must be > 0, got {value!r}")
@@ -271,8 +290,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_paths(args)
         recipe = load_recipe(args.config) if "config" in args else {}
         config = TrainConfig.from_dict(merge_recipes(recipe, overrides_from_args(args)))
-        run_training(config, resume=getattr(args, "resume", None),
-                     progress=getattr(args, "progress", True))
+        result = run_training(config, resume=getattr(args, "resume", None),
+                              progress=getattr(args, "progress", True))
+        if result.signal is not None:  # stopped by the scheduler: not a finished model
+            return 128 + int(getattr(signal, result.signal))
         return EXIT_OK
 
     return run_with_exit_code(

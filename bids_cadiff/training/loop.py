@@ -27,6 +27,11 @@ names the sha256 of its checkpoint, and a resume refuses a state that does not b
 checkpoint, or settings (model, data, seed, batch, ...) that differ from the run being resumed.
 On GPUs, cuDNN may pick non-deterministic kernels: resume is then exact in the data and RNG
 streams but weights can differ in the last bits unless ``deterministic`` is set.
+
+Stopping early. ``time_limit`` seconds after the call started, or on SIGTERM or SIGUSR1 (what
+SLURM sends before it pre-empts or times out a job: ``#SBATCH --signal=B:USR1@300``), the loop
+finishes the iteration it is in, writes a checkpoint and returns with ``stopped_early`` (and
+``signal`` naming the signal); ``--resume auto`` continues from there.
 """
 
 from __future__ import annotations
@@ -37,10 +42,13 @@ import logging
 import math
 import random
 import shutil
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -167,7 +175,8 @@ class TrainResult:
         checkpoint: the final checkpoint (``model.pt``); ``None`` on ranks other than 0.
         val_dice: last mean validation Dice (NaN if never validated).
         seconds: wall time of this call.
-        stopped_early: the time limit ended the call before ``iterations``.
+        stopped_early: the time limit or a signal ended the call before ``iterations``.
+        signal: the signal that stopped it (``"SIGTERM"``, ``"SIGUSR1"``), else ``None``.
     """
 
     model: CADiff
@@ -177,6 +186,32 @@ class TrainResult:
     seconds: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
     stopped_early: bool = False
+    signal: str | None = None
+
+
+#: Signals that stop training with a checkpoint (SLURM sends SIGTERM, or USR1 with --signal).
+STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[list[str]]:
+    """While inside, :data:`STOP_SIGNALS` append their name to the yielded list instead of
+    killing the process (the loop checks it after each iteration). Outside the main thread
+    handlers cannot be installed, and the list stays empty."""
+    received: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        received.append(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield received
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 # --------------------------------------------------------------------------- file names
@@ -463,19 +498,32 @@ def _tensorboard(output_dir: Path) -> Any:
 # --------------------------------------------------------------------------- the loop
 
 
+def _amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """The autocast dtype: bfloat16 where the GPU has it, else float16; ``None`` off CUDA (on
+    CPUs without native bfloat16 autocast is far slower than float32) or without ``amp``."""
+    if device.type != "cuda" or not amp:
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 def _autocast(device: torch.device, amp: bool) -> Any:
     import contextlib
 
-    if device.type == "cuda" and amp:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
+    dtype = _amp_dtype(device, amp)
+    return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _grad_scaler(device: torch.device, amp: bool) -> torch.amp.GradScaler:
+    """Loss scaling for float16 autocast (older GPUs), whose small gradients would underflow;
+    a pass-through otherwise (bfloat16 has float32's range)."""
+    enabled = _amp_dtype(device, amp) == torch.float16
+    return torch.amp.GradScaler("cuda" if enabled else "cpu", enabled=enabled)
 
 
 def _save(
     model: CADiff, optimizer: torch.optim.Optimizer, scheduler: Any, *, iteration: int,
     settings: LoopSettings, metadata: ModelMetadata, output_dir: Path, guard: Mapping[str, Any],
-    started: float, seconds_before: float,
+    started: float, seconds_before: float, scaler: torch.amp.GradScaler | None = None,
 ) -> Path:
     path = checkpoint_path(output_dir, iteration)
     training = dict(metadata.training)
@@ -495,6 +543,8 @@ def _save(
             "scheduler": scheduler.state_dict(), "rng": _rng_state(),
             "sampler": {"seed": settings.seed, "next_index": iteration * settings.batch_size},
             "guard": _jsonable(guard), "seconds": training["seconds"],
+            **({"scaler": scaler.state_dict()} if scaler is not None and scaler.is_enabled()
+               else {}),
         },
     )
     logger.info("checkpoint %s (iteration %d)", path, iteration)
@@ -558,6 +608,7 @@ def train(
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(settings))
+    scaler = _grad_scaler(device, settings.amp)
     sampling = sampling or SamplingSettings()
     guard = _guard(model, settings, items, ctx.world_size, sampling)
     start, seconds_before = 0, 0.0
@@ -573,6 +624,12 @@ def train(
         saved_guard = dict(state["guard"])
         if "sampling" not in saved_guard and sampling.mode == "patches":
             saved_guard["sampling"] = guard["sampling"]  # states from before [sampling] existed
+        if "sampling" in saved_guard:  # settings added since: absent means their default
+            defaults = SamplingSettings().to_dict()
+            saved_guard["sampling"] = {
+                **{k: v for k, v in guard["sampling"].items()
+                   if k not in saved_guard["sampling"] and v == defaults.get(k)},
+                **saved_guard["sampling"]}
         differences = _diff(saved_guard, _jsonable(guard))
         if differences:
             raise CheckpointError(
@@ -582,6 +639,8 @@ def train(
         model.load_state_dict(loaded.model.state_dict())
         model.to(device).train()
         optimizer.load_state_dict(state["optimizer"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         start, seconds_before = int(state["iteration"]), float(state.get("seconds", 0.0))
@@ -590,23 +649,32 @@ def train(
         logger.warning("already at iteration %d of %d: nothing to train", start, settings.iterations)
     module = wrap_model(model, ctx)
 
-    dataset: torch.utils.data.Dataset
-    if sampling.mode == "mixed":
-        if settings.spatial_dims != 3:
-            raise ValueError("sampling mode 'mixed' draws 3D patches; use spatial_dims 3")
-        dataset = MixedPatchDataset(items, patch_size=settings.patch_size, seed=settings.seed,
-                                    rank=ctx.rank, settings=sampling)
-    else:  # the paper's patches: real images only (label maps without images are prior-only)
-        dataset = PatchDataset(
-            [item for item in items if item.real], spatial_dims=settings.spatial_dims, patch_size=settings.patch_size,
-            seed=settings.seed, rank=ctx.rank, augment=settings.augment,
-            slice_axis=settings.slice_axis,
-        )
+    batches: Any
     b = settings.batch_size
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=b, sampler=range(start * b, settings.iterations * b),
-        num_workers=settings.workers, pin_memory=device.type == "cuda", drop_last=True,
-    )
+    if sampling.mode == "mixed" and settings.spatial_dims != 3:
+        raise ValueError("sampling mode 'mixed' draws 3D patches; use spatial_dims 3")
+    if sampling.on_device:  # the GPU recipe: items in device memory, batches made there
+        from bids_cadiff.training.device_sampler import DevicePatchSampler
+
+        batches = DevicePatchSampler(
+            items, patch_size=settings.patch_size, batch_size=b, seed=settings.seed,
+            rank=ctx.rank, settings=sampling, device=device,
+        ).batches(start, settings.iterations)
+    else:
+        dataset: torch.utils.data.Dataset
+        if sampling.mode == "mixed":
+            dataset = MixedPatchDataset(items, patch_size=settings.patch_size,
+                                        seed=settings.seed, rank=ctx.rank, settings=sampling)
+        else:  # the paper's patches: real images only (label maps without images: prior only)
+            dataset = PatchDataset(
+                [item for item in items if item.real], spatial_dims=settings.spatial_dims,
+                patch_size=settings.patch_size, seed=settings.seed, rank=ctx.rank,
+                augment=settings.augment, slice_axis=settings.slice_axis,
+            )
+        batches = torch.utils.data.DataLoader(
+            dataset, batch_size=b, sampler=range(start * b, settings.iterations * b),
+            num_workers=settings.workers, pin_memory=device.type == "cuda", drop_last=True,
+        )
     main = ctx.is_main
     train_log = val_log = writer = None
     if main:
@@ -624,65 +692,69 @@ def train(
     iteration = start
     final: Path | None = None
     stopped = False
-    for iteration, batch in zip(range(start, settings.iterations), loader):
-        image = batch["image"].to(device, non_blocking=True)
-        distance = batch["distance"].to(device, non_blocking=True)
-        labels = batch["label"].to(device, non_blocking=True)
-        generator = _step_generator(settings.seed, ctx.rank, iteration, device)
-        with _autocast(device, settings.amp):
-            losses = module(image, distance, labels, generator)
-        losses["loss"].backward()
-        if settings.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        for key, value in losses.items():
-            sums[key] = sums.get(key, torch.zeros((), device=device)) + value.detach().float()
-        window += 1
-        done = iteration + 1
-        bar.update(1)
-        if main and (done % settings.log_every == 0 or done == settings.iterations):
-            means = {k: float(v) / window for k, v in sums.items()}
-            row = {"iteration": done, **means, "lr": scheduler.get_last_lr()[0],
-                   "seconds": round(seconds_before + time.perf_counter() - started, 1)}
-            assert train_log is not None
-            train_log.write(row)
-            history.append({k: float(v) for k, v in row.items()})
-            bar.set_postfix(loss=f"{means['loss']:.4f}")
-            if writer is not None:
-                for k, v in means.items():
-                    writer.add_scalar(f"train/{k}", v, done)
-        if done % settings.log_every == 0:
-            sums, window = {}, 0
-        if settings.val_every and val_items and done % settings.val_every == 0:
-            if main:
-                scores = validate(model, val_items, settings=settings, device=device)
-                val_dice = float(np.nanmean(list(scores.values()))) if scores else math.nan
-                assert val_log is not None
-                for name, dice in scores.items():
-                    val_log.write({"iteration": done, "image": name, "dice": dice})
-                val_log.write({"iteration": done, "image": "mean", "dice": val_dice})
-                logger.info("iteration %d: validation Dice %.4f", done, val_dice)
+    with _stop_on_signals() as received:
+        for iteration, batch in zip(range(start, settings.iterations), batches):
+            image = batch["image"].to(device, non_blocking=True)
+            distance = batch["distance"].to(device, non_blocking=True)
+            labels = batch["label"].to(device, non_blocking=True)
+            generator = _step_generator(settings.seed, ctx.rank, iteration, device)
+            with _autocast(device, settings.amp):
+                losses = module(image, distance, labels, generator)
+            scaler.scale(losses["loss"]).backward()
+            if settings.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            for key, value in losses.items():
+                sums[key] = sums.get(key, torch.zeros((), device=device)) + value.detach().float()
+            window += 1
+            done = iteration + 1
+            bar.update(1)
+            if main and (done % settings.log_every == 0 or done == settings.iterations):
+                means = {k: float(v) / window for k, v in sums.items()}
+                row = {"iteration": done, **means, "lr": scheduler.get_last_lr()[0],
+                       "seconds": round(seconds_before + time.perf_counter() - started, 1)}
+                assert train_log is not None
+                train_log.write(row)
+                history.append({k: float(v) for k, v in row.items()})
+                bar.set_postfix(loss=f"{means['loss']:.4f}")
                 if writer is not None:
-                    writer.add_scalar("val/dice", val_dice, done)
-            barrier(ctx)
-        out_of_time = _out_of_time(started, settings.time_limit, ctx)
-        if done % settings.checkpoint_every == 0 or done == settings.iterations or out_of_time:
-            if main:
-                final = _save(
-                    model, optimizer, scheduler, iteration=done, settings=settings,
-                    metadata=metadata, output_dir=output_dir, guard=guard, started=started,
-                    seconds_before=seconds_before,
-                )
-            barrier(ctx)
-        iteration = done
-        if out_of_time and done < settings.iterations:
-            stopped = True
-            logger.warning(
-                "time limit of %.0f s reached at iteration %d of %d: checkpoint saved; continue "
-                "with --resume auto", settings.time_limit, done, settings.iterations)
-            break
+                    for k, v in means.items():
+                        writer.add_scalar(f"train/{k}", v, done)
+            if done % settings.log_every == 0:
+                sums, window = {}, 0
+            if settings.val_every and val_items and done % settings.val_every == 0:
+                if main:
+                    scores = validate(model, val_items, settings=settings, device=device)
+                    val_dice = float(np.nanmean(list(scores.values()))) if scores else math.nan
+                    assert val_log is not None
+                    for name, dice in scores.items():
+                        val_log.write({"iteration": done, "image": name, "dice": dice})
+                    val_log.write({"iteration": done, "image": "mean", "dice": val_dice})
+                    logger.info("iteration %d: validation Dice %.4f", done, val_dice)
+                    if writer is not None:
+                        writer.add_scalar("val/dice", val_dice, done)
+                barrier(ctx)
+            out_of_time = _out_of_time(started, settings.time_limit, ctx, bool(received))
+            if done % settings.checkpoint_every == 0 or done == settings.iterations or out_of_time:
+                if main:
+                    final = _save(
+                        model, optimizer, scheduler, iteration=done, settings=settings,
+                        metadata=metadata, output_dir=output_dir, guard=guard, started=started,
+                        seconds_before=seconds_before, scaler=scaler,
+                    )
+                barrier(ctx)
+            iteration = done
+            if out_of_time and done < settings.iterations:
+                stopped = True
+                why = (f"{received[0]} received" if received
+                       else f"time limit of {settings.time_limit:.0f} s reached")
+                logger.warning("%s at iteration %d of %d: checkpoint saved; continue with "
+                               "--resume auto", why, done, settings.iterations)
+                break
     bar.close()
     if writer is not None:
         writer.close()
@@ -703,15 +775,15 @@ def train(
     return TrainResult(
         model=model, iteration=iteration, checkpoint=result_path, val_dice=val_dice,
         seconds=time.perf_counter() - started, history=history, stopped_early=stopped,
+        signal=received[0] if stopped and received else None,
     )
 
 
-def _out_of_time(started: float, limit: float, ctx: DistributedContext) -> bool:
-    """Whether ``limit`` seconds have passed since ``started`` (0: never); under DDP rank 0's
-    clock decides for every rank, so all stop at the same iteration."""
-    if limit <= 0:
-        return False
-    flag = time.perf_counter() - started >= limit
+def _out_of_time(started: float, limit: float, ctx: DistributedContext,
+                 signalled: bool = False) -> bool:
+    """Whether to stop now: ``limit`` seconds have passed since ``started`` (0: never) or a stop
+    signal came; under DDP rank 0 decides for every rank, so all stop at the same iteration."""
+    flag = signalled or (limit > 0 and time.perf_counter() - started >= limit)
     if ctx.distributed:
         import torch.distributed as dist
 

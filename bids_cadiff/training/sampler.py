@@ -77,6 +77,9 @@ class SamplingSettings:
         scale: largest relative scaling of the random affine per axis.
         affine_prob: probability of the random affine.
         augment: intensity augmentation of real and synthesised images.
+        on_device: draw the patches on the training device (the GPU recipe):
+            :class:`~bids_cadiff.training.device_sampler.DevicePatchSampler`, the same steps in
+            torch, with every item held in device memory. ``mode`` must be ``"mixed"``.
     """
 
     mode: str = "patches"
@@ -90,10 +93,13 @@ class SamplingSettings:
     scale: float = 0.1
     affine_prob: float = 0.7
     augment: bool = True
+    on_device: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in SAMPLING_MODES:
             raise ValueError(f"sampling mode must be one of {SAMPLING_MODES}, got {self.mode!r}")
+        if self.on_device and self.mode != "mixed":
+            raise ValueError("on_device sampling draws mixed patches: set mode = \"mixed\"")
         for name in ("real_fraction", "balanced_fraction", "skull_fraction", "affine_prob"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import tomllib
 from pathlib import Path
 
@@ -51,7 +53,7 @@ def test_parser_training_timestep_options(tmp_path: Path):
 
 @pytest.mark.parametrize("value,seconds", [
     ("90", 90.0), ("90s", 90.0), ("45m", 2700.0), ("7.5h", 27000.0), ("02:30:00", 9000.0),
-    ("1:30", 90.0),
+    ("1:30", 90.0), ("2h30m", 9000.0), ("1h0m30s", 3630.0), ("1-00:00:00", 86400.0),
 ])
 def test_time_limit_durations(tmp_path: Path, value, seconds):
     args = build_parser().parse_args([str(tmp_path), str(tmp_path), str(tmp_path / "o"),
@@ -62,6 +64,8 @@ def test_time_limit_durations(tmp_path: Path, value, seconds):
 @pytest.mark.parametrize("argv,message", [
     (["--time-limit", "soon"], "not a duration"),
     (["--time-limit", "0"], "--time-limit must be > 0"),
+    (["--time-limit", "2h2h"], "not a duration"),
+    (["--time-limit", "2x30m"], "not a duration"),
     (["--lr", "-1"], "--lr must be > 0"),
     (["--val-fraction", "1.5"], "--val-fraction must be in [0, 1)"),
     (["--mode", "joint"], "invalid choice"),
@@ -107,6 +111,29 @@ def test_train_resume_and_load(dataset, tmp_path: Path):
     again = TrainConfig.from_dict(saved)
     assert again.model.channels == (8, 16) and again.data.registration == "none"
     assert "\n4\tmean\t" in (tmp_path / "b/val_log.tsv").read_text()
+
+
+def test_sigterm_checkpoints_and_exits_143(dataset, tmp_path: Path, monkeypatch):
+    import bids_cadiff.training.loop as loop
+
+    bids, labels, atlas = dataset
+    step_generator = loop._step_generator
+
+    def terminated(seed, rank, iteration, device):  # SLURM pre-empts the job during step 2
+        if iteration == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step_generator(seed, rank, iteration, device)
+
+    monkeypatch.setattr(loop, "_step_generator", terminated)
+    out = tmp_path / "out"
+    argv = [str(bids), str(labels), str(out), "--atlas", str(atlas), *TINY_ARGS,
+            "--iterations", "4", "--checkpoint-every", "4"]
+    assert main(argv) == 128 + signal.SIGTERM
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == [
+        "iter-0000002.pt", "iter-0000002_state.pt"]
+    monkeypatch.setattr(loop, "_step_generator", step_generator)
+    assert main([*argv, "--resume", "auto"]) == 0
+    assert load_checkpoint(out / "model.pt").metadata.training["iteration"] == 4
 
 
 def test_config_file_with_cli_override_and_2d(dataset, tmp_path: Path):
@@ -179,6 +206,28 @@ def test_the_default_model_recipe():
     assert config.training.patch_size == (48, 48, 48)
     with pytest.raises(UsageError, match=r"\[sampling\]"):
         TrainConfig.from_dict({"sampling": {"nonsense": 1}})
+
+
+def test_the_gpu_recipe_runs_at_a_tiny_size_on_the_cpu(dataset, tmp_path: Path):
+    gpu = TrainConfig.from_dict(load_recipe(CONFIGS / "default_model_gpu.toml"))
+    assert gpu.training.patch_size == (96, 96, 96) and gpu.data.voxel_size == (1.0, 1.0, 1.0)
+    assert gpu.training.batch_size == 2 and gpu.training.lr == 1e-4 and gpu.training.amp
+    assert gpu.sampling.on_device and gpu.sampling.mode == "mixed"
+    default = TrainConfig.from_dict(load_recipe(CONFIGS / "default_model.toml"))
+    assert gpu.diffusion == default.diffusion  # only scale and device differ
+    assert gpu.data.labels == default.data.labels and gpu.model.label_prior_bins == 48
+    bids, labels, atlas = dataset
+    maps = _label_maps(labels, tmp_path / "maps")
+    out = tmp_path / "out"
+    argv = [str(bids), str(labels), str(out), "--config", str(CONFIGS / "default_model_gpu.toml"),
+            "--atlas", str(atlas), *TINY_ARGS, "--synth-label-maps", str(maps),
+            "-w", str(tmp_path / "w"), "--iterations", "3", "--val-participants", "03"]
+    assert main([*argv, "--time-limit", "0.001s"]) == 0  # stops after one step, checkpointed
+    assert load_checkpoint(out / "model.pt").metadata.training["iteration"] == 1
+    assert main([*argv, "--resume", "auto"]) == 0
+    trained = load_checkpoint(out / "model.pt").metadata.training
+    assert trained["iteration"] == 3 and trained["recipe"]["sampling"]["on_device"]
+    assert "map-map_01" in trained["train_images"]
 
 
 def test_usage_errors_are_one_line(dataset, tmp_path: Path, capsys):

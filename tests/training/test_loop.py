@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -127,3 +129,82 @@ def test_time_limit_stops_cleanly_and_resumes_exactly(tmp_path: Path):
     assert not resumed.stopped_early and resumed.iteration == 4
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_checkpoints_the_current_iteration(tmp_path: Path, monkeypatch, sig):
+    import bids_cadiff.training.loop as loop
+
+    items = _items()
+    straight = train(_model(), items, settings=_settings(4), metadata=META,
+                     output_dir=tmp_path / "a", progress=False)
+    step_generator = loop._step_generator
+
+    def signalling(seed, rank, iteration, device):  # the scheduler's signal during step 2
+        if iteration == 1:
+            os.kill(os.getpid(), sig)
+        return step_generator(seed, rank, iteration, device)
+
+    monkeypatch.setattr(loop, "_step_generator", signalling)
+    before = signal.getsignal(sig)
+    stopped = train(_model(), items, settings=_settings(4), metadata=META,
+                    output_dir=tmp_path / "b", progress=False)
+    assert signal.getsignal(sig) is before  # the handler is only there while training
+    assert stopped.stopped_early and stopped.signal == sig.name and stopped.iteration == 2
+    ckpt = latest_checkpoint(tmp_path / "b")
+    assert ckpt is not None and ckpt.name == "iter-0000002.pt"  # not a checkpoint_every multiple
+    monkeypatch.setattr(loop, "_step_generator", step_generator)
+    resumed = train(_model(), items, settings=_settings(4), metadata=META,
+                    output_dir=tmp_path / "b", resume=ckpt, progress=False)
+    assert resumed.signal is None and resumed.iteration == 4
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_patches_drawn_on_the_device_train_and_resume_exactly(tmp_path: Path):
+    from bids_cadiff.training.sampler import SamplingSettings
+
+    items = _items()
+    sampling = SamplingSettings(mode="mixed", on_device=True, real_fraction=1.0, field_jitter=1.0)
+    straight = train(_model(), items, settings=_settings(4), metadata=META, sampling=sampling,
+                     output_dir=tmp_path / "a", progress=False)
+    train(_model(), items, settings=_settings(2, checkpoint_every=2), metadata=META,
+          sampling=sampling, output_dir=tmp_path / "b", progress=False)
+    resumed = train(_model(), items, settings=_settings(4), metadata=META, sampling=sampling,
+                    output_dir=tmp_path / "b", resume=latest_checkpoint(tmp_path / "b"),
+                    progress=False)
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(CheckpointError, match="on_device"):  # another sampler: another run
+        train(_model(), items, settings=_settings(6), metadata=META, output_dir=tmp_path / "b",
+              sampling=SamplingSettings(mode="mixed", real_fraction=1.0, field_jitter=1.0),
+              resume=latest_checkpoint(tmp_path / "b"), progress=False)
+
+
+def test_states_from_before_a_sampling_setting_existed_still_resume(tmp_path: Path):
+    from bids_cadiff.training.sampler import SamplingSettings
+
+    items = _items()
+    sampling = SamplingSettings(mode="mixed", real_fraction=1.0)
+    train(_model(), items, settings=_settings(3), metadata=META, sampling=sampling,
+          output_dir=tmp_path, progress=False)
+    ckpt = latest_checkpoint(tmp_path)
+    state = torch.load(state_path(ckpt), weights_only=True)
+    del state["guard"]["sampling"]["on_device"]  # as written before on_device existed
+    torch.save(state, state_path(ckpt))
+    resumed = train(_model(), items, settings=_settings(4), metadata=META, sampling=sampling,
+                    output_dir=tmp_path, resume=ckpt, progress=False)
+    assert resumed.iteration == 4
+
+
+def test_mixed_precision_only_on_cuda(monkeypatch):
+    from bids_cadiff.training.loop import _amp_dtype, _grad_scaler
+
+    cuda = torch.device("cuda")
+    assert _amp_dtype(torch.device("cpu"), True) is None  # fp32 on CPUs (no native bf16)
+    assert _amp_dtype(cuda, False) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert _amp_dtype(cuda, True) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert _amp_dtype(cuda, True) == torch.float16  # older GPUs: float16, with loss scaling
+    assert not _grad_scaler(torch.device("cpu"), True).is_enabled()

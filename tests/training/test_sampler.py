@@ -58,26 +58,34 @@ def where(distance_patch: np.ndarray) -> tuple[slice, ...]:
     return tuple(slice(int(s), int(s) + p) for s, p in zip(start, PATCH))
 
 
-def test_real_patches_are_exactly_the_apps_input():
-    raw, mask, values, distance = head()
-    data = MixedPatchDataset([item(raw, mask, values, distance)], patch_size=PATCH, seed=0,
-                             settings=plain(real_fraction=1.0))
+def assert_real_patches_are_the_apps_input(patches, raw, mask, values, atol: float = 1e-6) -> None:
+    """``patches``: ``(image, distance, labels)`` numpy patches of a sampler with the plain
+    settings and only real images, over ``head()``: each is exactly the app's input at the place
+    its distance field names, with skull or (a skull-stripped input) without, and each variant
+    was seen at least three times."""
     # what the app feeds the network: the whole image normalised once, with skull or (a
     # skull-stripped input) the image times its brain mask
     app = {True: normalise_intensity(raw), False: normalise_intensity(raw * mask)}
     seen = {True: 0, False: 0}
-    for n in range(40):
-        out = data[n]
-        image, dist, labels = out["image"][0].numpy(), out["distance"].numpy(), out["label"][0].numpy()
+    for image, dist, labels in patches:
         box = where(dist)
-        if image.shape != app[True][box].shape or not mask[box].any():
+        if app[True][box].shape != PATCH or not mask[box].any():
             continue
         # the draw took one of the two variants: the patch is exactly that variant's app input
-        match = [skull for skull in (True, False) if np.allclose(image, app[skull][box], atol=1e-6)]
+        match = [skull for skull in (True, False) if np.allclose(image, app[skull][box], atol=atol)]
         assert len(match) == 1, "the patch is not the app's input of either variant"
         np.testing.assert_array_equal(labels, SYNTHSEG32.value_to_index(values[box]))
         seen[match[0]] += 1
     assert min(seen.values()) >= 3
+
+
+def test_real_patches_are_exactly_the_apps_input():
+    raw, mask, values, distance = head()
+    data = MixedPatchDataset([item(raw, mask, values, distance)], patch_size=PATCH, seed=0,
+                             settings=plain(real_fraction=1.0))
+    patches = ((out["image"][0].numpy(), out["distance"].numpy(), out["label"][0].numpy())
+               for out in (data[n] for n in range(40)))
+    assert_real_patches_are_the_apps_input(patches, raw, mask, values)
 
 
 def test_synthesised_patches_are_normalised_over_the_whole_map():
@@ -152,15 +160,20 @@ def test_label_maps_without_images_are_only_synthesised_from():
         assert not np.allclose(image[image > 0], 0.5)
 
 
-def test_class_balanced_centres_reach_small_structures():
+def one_voxel_structure() -> tuple[TrainingItem, int]:
+    """``head()``'s item with one voxel of hippocampus, and that structure's class."""
     raw, mask, values, distance = head()
     values = values.copy()
-    values[20, 22, 18] = 17  # one voxel of hippocampus
-    small = SYNTHSEG32.value_to_index(np.array([17]))[0]
+    values[20, 22, 18] = 17
+    return item(raw, mask, values, distance), int(SYNTHSEG32.value_to_index(np.array([17]))[0])
+
+
+def test_class_balanced_centres_reach_small_structures():
+    one, small = one_voxel_structure()
     counts = {}
     for fraction in (0.0, 1.0):
-        data = MixedPatchDataset([item(raw, mask, values, distance)], patch_size=PATCH,
-                                 seed=0, settings=plain(real_fraction=1.0, balanced_fraction=fraction))
+        data = MixedPatchDataset([one], patch_size=PATCH, seed=0,
+                                 settings=plain(real_fraction=1.0, balanced_fraction=fraction))
         counts[fraction] = sum(int((data[n]["label"] == small).any()) for n in range(60))
     assert counts[1.0] >= 8 and counts[1.0] > counts[0.0] + 5
 
