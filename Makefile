@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO ?= demo
 
-.PHONY: demo test test-fast install clean calibration default-model default-model-folds container-test
+.PHONY: demo test test-fast install clean calibration default-model default-model-folds save-training-state container-test
 
 install: $(STAMP)
 
@@ -63,13 +63,31 @@ TRAIN_OPTS := --config configs/default_model.toml --synth-label-maps work/shared
 work/shared_bids/labels/dataset_description.json: $(STAMP) scripts/shared_data_to_bids.py
 	$(PY) scripts/shared_data_to_bids.py work/shared_bids
 
-default-model-folds: work/shared_bids/labels/dataset_description.json
-	$(TRAIN) $(V2)/fold1 $(TRAIN_OPTS) --participant-label 03 04 05 06 07 --val-participants 07
-	$(TRAIN) $(V2)/fold2 $(TRAIN_OPTS) --participant-label 01 02 05 06 07 --val-participants 07
-	$(TRAIN) $(V2)/fold3 $(TRAIN_OPTS) --participant-label 01 02 03 04 --val-participants 04
+# Each run first takes back its committed resumable state (artifacts/default_model_v2/<run>,
+# written by `make save-training-state`) when the work folder has nothing as far on.
+# One fold: `make default-model-fold1`; TRAIN_LIMIT="--time-limit 2h30m" stops it with a
+# checkpoint (every run of the make is limited alike).
+SAVED := artifacts/default_model_v2
+STATE := $(PY) scripts/training_state.py
+FOLD1 := --participant-label 03 04 05 06 07 --val-participants 07
+FOLD2 := --participant-label 01 02 05 06 07 --val-participants 07
+FOLD3 := --participant-label 01 02 03 04 --val-participants 04
+default-model-folds: default-model-fold1 default-model-fold2 default-model-fold3
+
+default-model-fold%: work/shared_bids/labels/dataset_description.json
+	$(STATE) restore $(SAVED)/fold$* $(V2)/fold$*
+	$(TRAIN) $(V2)/fold$* $(TRAIN_OPTS) $(TRAIN_LIMIT) $(FOLD$*)
 
 default-model: work/shared_bids/labels/dataset_description.json
-	$(TRAIN) $(V2)/final $(TRAIN_OPTS)
+	$(STATE) restore $(SAVED)/final $(V2)/final
+	$(TRAIN) $(V2)/final $(TRAIN_OPTS) $(TRAIN_LIMIT)
+
+# The latest resumable checkpoint and the logs of every run started so far, into $(SAVED)
+# (one place, overwritten; dropped once the model they lead to is final).
+save-training-state:
+	@for run in fold1 fold2 fold3 final; do \
+	  if [ -d $(V2)/$$run/checkpoints ]; then $(STATE) save $(V2)/$$run $(SAVED)/$$run || exit 1; fi; \
+	done
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

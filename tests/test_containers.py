@@ -479,3 +479,17 @@ def test_train_job_ends_the_chain_when_training_finishes(tmp_path: Path) -> None
     failed = subprocess.run(["bash", str(SLURM / "cadiff_train.sbatch")], env=env,
                             capture_output=True, text=True, timeout=30, check=False)
     assert failed.returncode == 1 and not (tmp_path / "run" / "scontrol").exists()
+
+
+def test_train_job_runs_the_container_with_the_gpu(tmp_path: Path) -> None:
+    env = _fake_train_env(tmp_path)
+    env.update(CADIFF_SIF=str(tmp_path / "x.sif"), APPTAINER="apptainer", CADIFF_DRY_RUN="1",
+               CUDA_VISIBLE_DEVICES="0", TRAIN_ARGS="--config recipe_*.toml")
+    (tmp_path / "recipe_1.toml").touch()  # a file the pattern would match: it stays as given
+    done = subprocess.run(["bash", str(SLURM / "cadiff_train.sbatch")], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    cmd = shlex.split(done.stdout)
+    assert cmd[:3] == ["apptainer", "exec", "--nv"] and str(tmp_path / "x.sif") in cmd
+    assert cmd[cmd.index("cadiff-train") + 4:] == [
+        "--resume", "auto", "--no-progress", "--config", "recipe_*.toml"]

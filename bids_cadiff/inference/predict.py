@@ -52,12 +52,18 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def cuda_autocast_dtype() -> torch.dtype:
+    """bfloat16 where the GPU has it natively, else float16 (GPUs before Ampere, such as the
+    V100 and T4, only emulate bfloat16, slowly)."""
+    native = torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.bfloat16 if native else torch.float16
+
+
 def _autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
-    """Mixed precision on GPUs (bf16 where supported, else fp16); plain fp32 on CPUs, where
-    bf16 autocast is two orders of magnitude slower."""
+    """Mixed precision on GPUs (:func:`cuda_autocast_dtype`); plain fp32 on CPUs, where bf16
+    autocast is two orders of magnitude slower."""
     if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
+        return torch.autocast("cuda", dtype=cuda_autocast_dtype())
     return contextlib.nullcontext()
 
 

@@ -22,8 +22,14 @@ sampler, step for step (see :mod:`bids_cadiff.training.sampler`):
    then, with ``augment``, blur, resolution loss along one axis, gamma and noise.
 
 Batch ``n`` of rank ``r`` is a pure function of ``(seed, r, n)`` on a given device type: the
-small choices of its sample ``b`` come from ``numpy.random.default_rng([seed, r, n, b])`` (on
-the CPU), the large random tensors from a device ``torch.Generator`` seeded from it. A resumed run therefore draws
+small choices of its sample ``b`` come from ``numpy.random.default_rng([seed, r, n, SEED_TAG,
+b])`` (on the CPU), the large random tensors from a device ``torch.Generator`` seeded from it.
+
+Where it differs from the CPU sampler, knowingly: a synthesised image is drawn on the resampled
+(rotated, deformed) labels, as SynthSeg does, not resampled after drawing; a rotated patch is
+read from the whole volume, so it has no empty corners; the blur is cut at 3 sigma with
+replicated edges (scipy: 4 sigma, reflected). Stored in float16 on CUDA, a real patch differs
+from the app's float32 input by float16's rounding (about 5e-4 at 1). A resumed run therefore draws
 the same batches as an uninterrupted one; the CPU and a GPU draw different ones.
 """
 
@@ -48,6 +54,8 @@ __all__ = ["DevicePatchSampler"]
 CONTROL_POINTS = 5
 #: Draws of the per-value Gaussians that estimate a synthesised volume's percentiles.
 MIXTURE_DRAWS = 20_000
+#: Sets the sampler's seeds apart from the loop's per-step generators (``[seed, rank, n, 7]``).
+SEED_TAG = 1_000_003
 
 
 @dataclass
@@ -63,8 +71,8 @@ class _DeviceItem:
     real: bool
     values: np.ndarray | None
     counts: np.ndarray | None
-    by_class: torch.Tensor  # flat indices of labelled voxels, sorted by class
-    class_starts: np.ndarray  # (classes + 1,) offsets into by_class; class c is [c-1] .. [c]
+    by_class: np.ndarray  # flat indices of labelled voxels, sorted by class (CPU: no GPU sync)
+    class_starts: np.ndarray  # (classes + 1,) offsets into by_class: class c is [c] .. [c + 1]
     classes: np.ndarray  # classes present (> 0)
 
 
@@ -149,7 +157,8 @@ class DevicePatchSampler:
         return _DeviceItem(
             name=item.name, linear=linear, nearest=nearest, has_brain=has_brain, real=item.real,
             values=values, counts=counts,
-            by_class=torch.from_numpy(order[first_labelled:]).to(self.device),
+            by_class=order[first_labelled:].astype(
+                np.int32 if item.labels.size < 2**31 else np.int64),
             class_starts=starts - first_labelled, classes=classes,
         )
 
@@ -164,15 +173,23 @@ class DevicePatchSampler:
         """Batch ``n`` (a pure function of ``(seed, rank, n)``; see the class docstring)."""
         samples = []
         for b in range(self.batch_size):
-            rng = np.random.default_rng([self.seed, self.rank, int(n), b])
+            rng = np.random.default_rng([self.seed, self.rank, int(n), SEED_TAG, b])
             generator = torch.Generator(device=self.device)
             generator.manual_seed(int(rng.integers(2**62)))
             samples.append(self._sample(rng, generator))
         return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
 
+    def _upload(self, values: np.ndarray) -> torch.Tensor:
+        """Small float32 host values → the device, without waiting for the GPU's queue (pinned
+        memory, non-blocking), so the next batch is drawn while the last step still runs."""
+        host = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+        if self.device.type != "cuda":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
+
     def _centre(self, rng: np.random.Generator, item: _DeviceItem) -> np.ndarray:
         shape = item.nearest.shape[1:]
-        total = item.by_class.numel()
+        total = len(item.by_class)
         if len(item.classes) and rng.random() < self.settings.balanced_fraction:
             c = int(item.classes[int(rng.integers(len(item.classes)))])
             lo, hi = int(item.class_starts[c]), int(item.class_starts[c + 1])
@@ -223,19 +240,21 @@ class DevicePatchSampler:
         item = self.items[pool[int(rng.integers(len(pool)))]]
         centre = self._centre(rng, item)
         skull = rng.random() < s.skull_fraction
-        matrix = torch.as_tensor(self._matrix(rng), dtype=torch.float32, device=self.device)
-        position = self._offsets @ matrix.T + torch.as_tensor(
-            centre, dtype=torch.float32, device=self.device)
+        shape = item.nearest.shape[1:]
+        # one upload of the sample's geometry: rotation/scaling, centre, the volume's last index
+        geometry = self._upload(np.concatenate([
+            self._matrix(rng).ravel(), centre, [int(n) - 1 for n in shape]]))
+        matrix, centre_t, last = geometry[:9].view(3, 3), geometry[9:12], geometry[12:15]
+        position = self._offsets @ matrix.T + centre_t
         if s.elastic:
             position = position + self._displacement(rng, generator, s.elastic_voxels)
-        shape = item.nearest.shape[1:]
-        grid = _normalised_grid(position, shape)
+        grid = _normalised_grid(position, last)
         first_field = 2 if item.has_brain else 1
         image_channel = 1 if (item.has_brain and not skull) else 0
-        linear = _sample(item.linear[[image_channel]], grid, "bilinear")
+        linear = _sample(item.linear[image_channel : image_channel + 1], grid, "bilinear")
         if s.field_jitter > 0:
             jittered = position + self._displacement(rng, generator, s.field_jitter)
-            distance = _sample(item.linear[first_field:], _normalised_grid(jittered, shape),
+            distance = _sample(item.linear[first_field:], _normalised_grid(jittered, last),
                                "bilinear")
         else:
             distance = _sample(item.linear[first_field:], grid, "bilinear")
@@ -249,7 +268,7 @@ class DevicePatchSampler:
             image = self._synthesise(item, nearest[1], rng, generator, skull=skull)
         if s.augment:
             image = self._augment(image, rng, generator)
-        inside = _inside(position, shape)  # outside the volume: zeros, as the CPU sampler pads
+        inside = _inside(position, last)  # outside the volume: zeros, as the CPU sampler pads
         return {"image": (image * inside).float(), "distance": distance.float().clamp(0, 1),
                 "label": labels * inside.long()}
 
@@ -277,8 +296,7 @@ class DevicePatchSampler:
         else:
             lo, hi = 0.0, 1.0
         hi = max(float(hi), float(lo) + 1e-6)
-        mean_t = torch.as_tensor(means, dtype=torch.float32, device=self.device)
-        std_t = torch.as_tensor(stds, dtype=torch.float32, device=self.device)
+        mean_t, std_t = self._upload(np.stack([means, stds]))
         index = value_index.clamp(0, len(values) - 1)[None]
         noise = torch.randn(index.shape, generator=generator, device=self.device)
         image = (mean_t[index] + std_t[index] * noise).clamp_min(0)
@@ -313,12 +331,11 @@ class DevicePatchSampler:
         return out.clamp(0, 1)
 
 
-def _normalised_grid(position: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Voxel positions ``(X, Y, Z, 3)`` of a ``shape`` volume → ``grid_sample``'s ``(1, X, Y, Z,
-    3)`` grid: ``(x, y, z)`` = (last, middle, first) axis, in [-1, 1] (``align_corners``)."""
-    scale = torch.tensor([max(int(n) - 1, 1) for n in shape], dtype=position.dtype,
-                         device=position.device)
-    return (2.0 * position / scale - 1.0).flip(-1)[None]
+def _normalised_grid(position: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """Voxel positions ``(X, Y, Z, 3)`` in a volume whose last index is ``last`` (3,) →
+    ``grid_sample``'s ``(1, X, Y, Z, 3)`` grid: ``(x, y, z)`` = (last, middle, first) axis, in
+    [-1, 1] (``align_corners``)."""
+    return (2.0 * position / last.clamp_min(1) - 1.0).flip(-1)[None]
 
 
 def _sample(volume: torch.Tensor, grid: torch.Tensor, mode: str) -> torch.Tensor:
@@ -327,11 +344,9 @@ def _sample(volume: torch.Tensor, grid: torch.Tensor, mode: str) -> torch.Tensor
                          align_corners=True)[0]
 
 
-def _inside(position: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """``(1, X, Y, Z)`` 1 where a position lies inside the volume, else 0."""
-    upper = torch.tensor([int(n) - 1 for n in shape], dtype=position.dtype,
-                         device=position.device)
-    ok = ((position >= -0.5) & (position <= upper + 0.5)).all(dim=-1)
+def _inside(position: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """``(1, X, Y, Z)`` 1 where a position lies inside the volume (last index ``last``), else 0."""
+    ok = ((position >= -0.5) & (position <= last + 0.5)).all(dim=-1)
     return ok[None].to(torch.float32)
 
 

@@ -55,7 +55,7 @@ import torch
 from tqdm import tqdm
 
 from bids_cadiff.inference.checkpoint import ModelMetadata, load_checkpoint, save_checkpoint
-from bids_cadiff.inference.predict import brain_box, predict_volume
+from bids_cadiff.inference.predict import brain_box, cuda_autocast_dtype, predict_volume
 from bids_cadiff.io.atomic import atomic_path
 from bids_cadiff.models.diffusion import CADiff
 from bids_cadiff.training.data import PatchDataset, TrainingItem
@@ -210,8 +210,8 @@ def _stop_on_signals() -> Iterator[list[str]]:
     try:
         yield received
     finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+        for sig, old in previous.items():  # None: a handler not set from Python
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
 
 
 # --------------------------------------------------------------------------- file names
@@ -499,11 +499,12 @@ def _tensorboard(output_dir: Path) -> Any:
 
 
 def _amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """The autocast dtype: bfloat16 where the GPU has it, else float16; ``None`` off CUDA (on
-    CPUs without native bfloat16 autocast is far slower than float32) or without ``amp``."""
+    """The autocast dtype (:func:`~bids_cadiff.inference.predict.cuda_autocast_dtype`); ``None``
+    off CUDA (on CPUs without native bfloat16 autocast is far slower than float32) or without
+    ``amp``."""
     if device.type != "cuda" or not amp:
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return cuda_autocast_dtype()
 
 
 def _autocast(device: torch.device, amp: bool) -> Any:
@@ -764,7 +765,7 @@ def train(
             final = Path(resume) if resume is not None else _save(
                 model, optimizer, scheduler, iteration=iteration, settings=settings,
                 metadata=metadata, output_dir=output_dir, guard=guard, started=started,
-                seconds_before=seconds_before,
+                seconds_before=seconds_before, scaler=scaler,
             )
         result_path = output_dir / FINAL_MODEL
         with atomic_path(result_path) as tmp:

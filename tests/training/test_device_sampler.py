@@ -67,9 +67,10 @@ def test_synthesised_images_follow_the_labels_and_drop_the_skull_when_asked():
     values = values.copy()
     values[~mask & (raw > 0)] = 258  # scalp: an extra-cerebral value (intensity, no target)
     stand_in = item(raw, mask, values, distance, real=False)
+    both, ordered, spread = 0, 0, []
     for skull in (True, False):
         draw = sampler([stand_in], plain(real_fraction=0.0, skull_fraction=float(skull)))
-        for n in range(4):
+        for n in range(6):
             out = draw.batch(n)
             for b in range(2):
                 image, dist = out["image"][b, 0].numpy(), out["distance"][b].numpy()
@@ -77,16 +78,21 @@ def test_synthesised_images_follow_the_labels_and_drop_the_skull_when_asked():
                 if values[box].shape != PATCH:
                     continue
                 patch_values = values[box]
-                outside = ~np.isin(patch_values, list(BRAIN_VALUES))
                 scalp = patch_values == 258
-                if skull and scalp.sum() > 20:  # the scalp is drawn too
+                if not skull:
+                    assert np.all(image[~np.isin(patch_values, list(BRAIN_VALUES))] == 0)
+                elif scalp.sum() > 20:  # the scalp is drawn too
                     assert (image[scalp] > 0).mean() > 0.5
-                else:
-                    assert np.all(image[outside] == 0)
-                for v in (2, 3):  # one Gaussian per value: tight within a structure
-                    inside = image[patch_values == v]
-                    if inside.size > 20:
-                        assert inside.std() < 0.2
+                wm, lv = image[patch_values == 2], image[patch_values == 4]
+                spread += [x.std() for x in (wm, lv) if x.size > 20]
+                if wm.size > 20 and lv.size > 20:  # drawn where the labels are: T1w-like
+                    both += 1  # contrasts (70 % of draws) put white matter above ventricle
+                    ordered += int(np.median(wm) > np.median(lv))
+    assert both >= 4 and ordered >= both / 2
+    # one Gaussian per value and a smooth bias field: tight within a structure, mostly (a
+    # contrast with all means close is stretched by the normalisation; the CPU sampler's
+    # median spread on this map is 0.07, this one's 0.06)
+    assert np.median(spread) < 0.15
 
 
 def test_class_balanced_centres_reach_small_structures():

@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""Keep a training run's resumable state in the repository, in one place, overwritten.
+
+A fold of the default model trains for hours over several sessions; the work folder
+(``work/``, not in git) may not outlive a session. This copies what resuming needs, and the
+logs, between a run folder and a committed folder:
+
+    python scripts/training_state.py save work/default_model_v2/fold1 artifacts/default_model_v2/fold1
+    python scripts/training_state.py restore artifacts/default_model_v2/fold1 work/default_model_v2/fold1
+
+``save`` replaces the committed folder's contents with the run's latest checkpoint that has a
+state file (``checkpoints/iter-N.pt`` and ``iter-N_state.pt``), ``train_log.tsv``,
+``val_log.tsv`` and ``train_config.toml``. ``restore`` copies them back when the run folder
+has no checkpoint at least as far on (a fresh clone, a lost work folder), and does nothing
+otherwise; ``cadiff-train --resume auto`` then continues from it, exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bids_cadiff.io.atomic import atomic_path  # noqa: E402
+from bids_cadiff.training.loop import latest_checkpoint, state_path  # noqa: E402
+
+logger = logging.getLogger("training_state")
+
+#: Run files kept beside the checkpoint.
+LOGS = ("train_log.tsv", "val_log.tsv", "train_config.toml")
+
+
+def _iteration(checkpoint: Path | None) -> int:
+    return -1 if checkpoint is None else int(checkpoint.stem.split("-")[1])
+
+
+def _copy(src: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def save(run: Path, dest: Path) -> Path:
+    """Copy ``run``'s latest resumable checkpoint and its logs into ``dest`` (replacing it)."""
+    checkpoint = latest_checkpoint(run)
+    if checkpoint is None:
+        raise SystemExit(f"{run} has no checkpoint with a state file: nothing to save")
+    files = [checkpoint, state_path(checkpoint)]
+    for old in (dest / "checkpoints").glob("iter-*.pt") if dest.exists() else []:
+        if old.name not in {f.name for f in files}:
+            old.unlink()
+    for f in files:
+        _copy(f, dest / "checkpoints" / f.name)
+    for name in LOGS:
+        if (run / name).exists():
+            _copy(run / name, dest / name)
+    logger.info("saved %s (iteration %d) in %s", checkpoint.name, _iteration(checkpoint), dest)
+    return dest / "checkpoints" / checkpoint.name
+
+
+def restore(saved: Path, run: Path) -> bool:
+    """Copy ``saved`` into ``run`` when that has no checkpoint as far on; True if copied."""
+    kept, have = latest_checkpoint(saved), latest_checkpoint(run)
+    if kept is None:
+        logger.info("%s holds no saved state: nothing to restore", saved)
+        return False
+    if _iteration(have) >= _iteration(kept):
+        logger.info("%s is at iteration %d, the saved state at %d: kept as it is", run,
+                    _iteration(have), _iteration(kept))
+        return False
+    for f in (kept, state_path(kept)):
+        _copy(f, run / "checkpoints" / f.name)
+    for name in LOGS:
+        if (saved / name).exists():
+            _copy(saved / name, run / name)
+    logger.info("restored %s into %s", kept.name, run)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, first, second in (("save", "run", "dest"), ("restore", "saved", "run")):
+        p = sub.add_parser(name)
+        p.add_argument(first, type=Path)
+        p.add_argument(second, type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.command == "save":
+        save(args.run, args.dest)
+    else:
+        restore(args.saved, args.run)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
