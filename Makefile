@@ -58,15 +58,18 @@ calibration: $(STAMP)
 # the validation subject is the highest-numbered training subject, fixed before any result).
 V2 := work/default_model_v2
 TRAIN := $(VENV)/bin/cadiff-train work/shared_bids/bids work/shared_bids/labels
+TRAIN_THREADS ?= 2
 TRAIN_OPTS := --config configs/default_model.toml --synth-label-maps work/shared_bids/label_maps \
-	-w $(V2)/work --resume auto --nthreads 2
+	-w $(V2)/work --resume auto --nthreads $(TRAIN_THREADS)
 work/shared_bids/labels/dataset_description.json: $(STAMP) scripts/shared_data_to_bids.py
 	$(PY) scripts/shared_data_to_bids.py work/shared_bids
 
 # Each run first takes back its committed resumable state (artifacts/default_model_v2/<run>,
 # written by `make save-training-state`) when the work folder has nothing as far on.
 # One fold: `make default-model-fold1`; TRAIN_LIMIT="--time-limit 2h30m" stops it with a
-# checkpoint (every run of the make is limited alike).
+# checkpoint (every run of the make is limited alike). Two folds side by side on 2 cores, 1.24
+# times the iterations of one at 2 threads (artifacts/default_model_v2/README.md):
+#   make -j2 default-model-fold1 default-model-fold2 TRAIN_THREADS=1
 SAVED := artifacts/default_model_v2
 STATE := $(PY) scripts/training_state.py
 FOLD1 := --participant-label 03 04 05 06 07 --val-participants 07
