@@ -131,9 +131,10 @@ def test_time_limit_stops_cleanly_and_resumes_exactly(tmp_path: Path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_a_stop_signal_checkpoints_the_current_iteration(tmp_path: Path, monkeypatch, sig):
+def test_a_stop_signal_checkpoints_the_current_iteration(tmp_path: Path, monkeypatch):
     import bids_cadiff.training.loop as loop
+
+    sig = signal.SIGUSR1  # SLURM's --signal; SIGTERM: tests/cli/test_train.py (the GPU recipe)
 
     items = _items()
     straight = train(_model(), items, settings=_settings(4), metadata=META,
