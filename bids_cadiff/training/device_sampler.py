@@ -251,14 +251,14 @@ class DevicePatchSampler:
         grid = _normalised_grid(position, last)
         first_field = 2 if item.has_brain else 1
         image_channel = 1 if (item.has_brain and not skull) else 0
-        linear = _sample(item.linear[image_channel : image_channel + 1], grid, "bilinear")
+        linear = _read(item.linear[image_channel : image_channel + 1], grid, "bilinear")
         if s.field_jitter > 0:
             jittered = position + self._displacement(rng, generator, s.field_jitter)
-            distance = _sample(item.linear[first_field:], _normalised_grid(jittered, last),
+            distance = _read(item.linear[first_field:], _normalised_grid(jittered, last),
                                "bilinear")
         else:
-            distance = _sample(item.linear[first_field:], grid, "bilinear")
-        nearest = _sample(item.nearest, grid, "nearest").round().long()
+            distance = _read(item.linear[first_field:], grid, "bilinear")
+        nearest = _read(item.nearest, grid, "nearest").round().long()
         labels = nearest[:1]
         if use_real:  # the app's input there; a bias field only as augmentation
             image = linear.float().clamp(0, 1)
@@ -338,7 +338,7 @@ def _normalised_grid(position: torch.Tensor, last: torch.Tensor) -> torch.Tensor
     return (2.0 * position / last.clamp_min(1) - 1.0).flip(-1)[None]
 
 
-def _sample(volume: torch.Tensor, grid: torch.Tensor, mode: str) -> torch.Tensor:
+def _read(volume: torch.Tensor, grid: torch.Tensor, mode: str) -> torch.Tensor:
     """``volume`` ``(C, X, Y, Z)`` read at ``grid`` → ``(C, *patch)``, zeros outside."""
     return F.grid_sample(volume[None], grid.to(volume.dtype), mode=mode, padding_mode="zeros",
                          align_corners=True)[0]
