@@ -242,3 +242,39 @@ def phantom_app_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
         "good": [Path("sub-01/anat/sub-01_T1w.nii.gz"),
                  Path("sub-02/ses-1/anat/sub-02_ses-1_T1w.nii.gz")],
     }
+
+
+#: The project's shared data, beside the repository (``../shared/data``; its README).
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def prepared_real(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Path], Any]:
+    """``prepare(path)``: a real T1w (shared data) as the app prepares it for the bundled
+    model (RAS, the model's grid, N4, the atlas registered and its field warped), once per
+    session: the tests that need the same head share its registration (minutes on 2 cores).
+    Skips when the image, Colin27 or the bundled model is absent."""
+    from bids_cadiff.app.participant import DEFAULT_MODEL, load_model, prepare_image
+    from bids_cadiff.io.nifti import load_t1w
+    from bids_cadiff.registration.atlas import COLIN27_DIR, resolve_atlas
+
+    cache = tmp_path_factory.mktemp("real_registrations")
+    done: dict[Path, Any] = {}
+
+    def prepare(path: Path) -> Any:
+        if not path.is_file():
+            pytest.skip(f"real test data missing: {path} (see shared/data/README.md)")
+        if not (COLIN27_DIR / "ch2.nii.gz").is_file():
+            pytest.skip(f"needs Colin27 ({COLIN27_DIR}/ch2.nii.gz): apt-get install mricron-data")
+        if not DEFAULT_MODEL.is_file():
+            pytest.skip(f"no bundled default model at {DEFAULT_MODEL}")
+        if path not in done:
+            meta = load_model(None).metadata
+            done[path] = prepare_image(
+                load_t1w(path), atlas=resolve_atlas(None), voxel_size=meta.voxel_size,
+                normalization=meta.normalization, cache_dir=cache, image_path=path,
+                registration=str(meta.inputs["registration"]),
+            )
+        return done[path]
+
+    return prepare

@@ -63,6 +63,8 @@ def test_chris_t1_end_to_end(tmp_path, validator_exe):
     assert world_x[2] < world_x[41]  # left WM on the left (RAS x smaller)
     assert world_x[10] < world_x[49]  # left thalamus on the left
 
+    _field_looks_right(bids / "sub-demo" / "anat" / "sub-demo_T1w.nii.gz", work)
+
     proc = subprocess.run([str(validator_exe), str(out), "--format", "json", "--no-color"],
                           capture_output=True, text=True, timeout=300)
     issues = json.loads(proc.stdout)["issues"]["issues"]
@@ -71,3 +73,34 @@ def test_chris_t1_end_to_end(tmp_path, validator_exe):
     assert main([str(bids), str(out), "group"]) == 0
     rows = (out / "group" / "desc-cadiff_volumes.tsv").read_text().splitlines()
     assert len(rows) == 2 and rows[1].startswith("sub-demo")
+
+
+def _field_looks_right(t1w: Path, work: Path) -> None:
+    """The atlas field the run used (its registration, from the work dir's cache) lies in the
+    head the right way round: the atlas centre (0.5, 0.5, 0.5) deep in the middle of the brain,
+    each coordinate growing left to right, back to front, bottom to top."""
+    from bids_cadiff.app.participant import load_model, prepare_image
+    from bids_cadiff.io.nifti import load_t1w
+    from bids_cadiff.registration.atlas import resolve_atlas
+
+    meta = load_model(None).metadata
+    prepared = prepare_image(load_t1w(t1w), atlas=resolve_atlas(None), voxel_size=meta.voxel_size,
+                             normalization=meta.normalization, cache_dir=work / "registration",
+                             registration=str(meta.inputs["registration"]))
+    assert prepared.registration.cached  # the run's own registration, not a new one
+    assert prepared.registration.quality > 0.4
+    warped, zooms = prepared.distance, np.asarray(meta.voxel_size, dtype=float)
+    inside = warped[0] > 0
+    brain_ml = inside.sum() * float(np.prod(zooms)) / 1000
+    assert 1100 < brain_ml < 2300, brain_ml
+    dist = np.where(inside, ((warped - 0.5) ** 2).sum(axis=0), np.inf)
+    ac = np.unravel_index(np.argmin(dist), dist.shape)
+    assert dist[ac] < 1e-3
+    centre = np.argwhere(inside).mean(axis=0)
+    assert np.linalg.norm((np.asarray(ac) - centre) * zooms) < 25
+    step = np.rint(20 / zooms).astype(int)  # 20 mm either side
+    for axis in range(3):  # the model grid is RAS
+        lo, hi = list(ac), list(ac)
+        lo[axis] -= step[axis]
+        hi[axis] += step[axis]
+        assert warped[(axis, *lo)] < 0.5 < warped[(axis, *hi)]

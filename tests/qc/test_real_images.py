@@ -27,18 +27,12 @@ def _flags(rows, ncc: float = 0.6) -> dict:
 
 
 @pytest.mark.slow
-def test_registration_check_passes_the_real_registration_and_catches_it_moved(tmp_path):
-    from bids_cadiff.app.participant import load_model, prepare_image
-    from bids_cadiff.io.nifti import load_t1w
+def test_registration_check_passes_the_real_registration_and_catches_it_moved(prepared_real):
     from bids_cadiff.registration.ants import registration_ncc
     from bids_cadiff.registration.atlas import resolve_atlas
 
-    meta = load_model(None).metadata
     atlas = resolve_atlas(None)
-    prepared = prepare_image(
-        load_t1w(SUBJECT / "T1.mgz"), atlas=atlas, voxel_size=meta.voxel_size,
-        normalization=meta.normalization, cache_dir=tmp_path / "reg",
-    )
+    prepared = prepared_real(SUBJECT / "T1.mgz")  # registered once, shared with test_ants.py
     grid = nib.Nifti1Image(prepared.corrected, prepared.affine)
     good = prepared.registration.quality
     assert registration_ncc(grid, atlas, prepared.registration) == pytest.approx(good, abs=1e-6)

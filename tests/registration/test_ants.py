@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -10,7 +11,6 @@ import numpy as np
 import pytest
 
 from bids_cadiff.errors import RegistrationError
-from bids_cadiff.imaging.preprocess import to_ras
 from bids_cadiff.imaging.distance_field import scaling_radii
 from bids_cadiff.registration import ants as ants_mod
 from bids_cadiff.registration.ants import (
@@ -115,41 +115,45 @@ def test_a_poor_fit_is_tried_as_the_other_kind_of_image(
     from bids_cadiff.registration import ants as ants_module
 
     monkeypatch.setattr(ants_module, "looks_skull_stripped", lambda *a: True)  # misjudged
+    # On this phantom the two fits score NCC ~0.29 (brain only) and ~0.31 (with skull), and
+    # multi-threaded ANTs moves each by a few hundredths: the brain-only fit is made clearly
+    # poor by scoring it at half, so that the test decides nothing on a coin toss.
+    real_register = ants_module._register
+
+    def register(*args, brain_only=None, **kwargs):
+        reg = real_register(*args, brain_only=brain_only, **kwargs)
+        return replace(reg, quality=reg.quality / 2) if reg.brain_only else reg
+
+    monkeypatch.setattr(ants_module, "_register", register)
     fixed = _subject(skull=True)
     with caplog.at_level("WARNING"):
         reg = register_atlas(fixed, phantom_atlas, cache_dir=tmp_path, type_of_transform="Affine",
-                             min_quality=0.3)  # brain only: NCC 0.29, with skull 0.31
-    assert not reg.brain_only and reg.quality >= 0.3, reg
+                             min_quality=0.2)
+    assert not reg.brain_only and reg.quality >= 0.2, reg
     assert "trying it as a head with skull" in caplog.text
     assert [p.parent for p in reg.forward_transforms] == [next(tmp_path.iterdir())]
     assert all(p.is_file() for p in reg.forward_transforms)
     again = register_atlas(fixed, phantom_atlas, cache_dir=tmp_path, type_of_transform="Affine",
-                           min_quality=0.3)
+                           min_quality=0.2)
     assert again.cached and not again.brain_only and again.quality == reg.quality
 
 
 # ----------------------------------------------------------------------------- real data
 
-def _real(path: Path) -> nib.Nifti1Image:
-    if not path.is_file():
-        pytest.skip(f"real test data missing: {path} (see shared/data/README.md)")
-    return to_ras(nib.load(path))
-
-
 @pytest.mark.slow
-def test_skull_on_and_off_give_same_field(tmp_path: Path) -> None:
-    """sub-01 T1.mgz (skull) vs brainmask.mgz (skull-stripped) of the same head."""
+def test_skull_on_and_off_give_same_field(prepared_real) -> None:
+    """sub-01 T1.mgz (skull) vs brainmask.mgz (skull-stripped) of the same head, each prepared
+    and registered as the app does (the model's 2 mm grid, N4): the same atlas field."""
     folder = SHARED_DATA / "fstd" / "sub-01"
-    with_skull, stripped = _real(folder / "T1.mgz"), _real(folder / "brainmask.mgz")
+    with_skull = prepared_real(folder / "T1.mgz")  # shared with tests/qc/test_real_images.py
+    stripped = prepared_real(folder / "brainmask.mgz")
+    assert not with_skull.registration.brain_only and stripped.registration.brain_only
+    np.testing.assert_allclose(with_skull.affine, stripped.affine)  # one head, one grid
     spec = resolve_atlas(None)
-    atlas_img, field = atlas_distance_field(spec)
-    reg_a = register_atlas(with_skull, spec, cache_dir=tmp_path)
-    reg_b = register_atlas(stripped, spec, cache_dir=tmp_path)
-    assert not reg_a.brain_only and reg_b.brain_only
-    field_a = warp_distance_field(field, atlas_img, reg_a, with_skull)
-    field_b = warp_distance_field(field, atlas_img, reg_b, stripped)
-    brain = np.asanyarray(stripped.dataobj) > 0
+    atlas_img, _ = atlas_distance_field(spec)
+    brain = stripped.corrected > 0
     radii = scaling_radii(load_atlas(spec).brain_mask, atlas_img.affine, spec.origin_world)
+    field_a, field_b = with_skull.distance, stripped.distance
     diff_mm = np.abs(field_a - field_b)[:, brain] * (2 * radii[:, None])
     mean_mm = float(diff_mm.mean())
     covered = (field_a[0, brain] > 0) & (field_b[0, brain] > 0)
@@ -157,33 +161,9 @@ def test_skull_on_and_off_give_same_field(tmp_path: Path) -> None:
                 "%.1f %% of brain voxels covered by both fields, %.2f mm on those",
                 mean_mm, diff_mm.mean(axis=1).round(2), 100 * covered.mean(),
                 float(diff_mm[:, covered].mean()))
-    # Multi-threaded ANTs SyN is not bit-reproducible: measured 0.90 mm and 2.05 mm in two
-    # runs (99.9 % of brain voxels covered by both); the one-stage head registration it
-    # replaced gave 9.0 mm. The bound separates the two.
+    # Multi-threaded ANTs SyN is not bit-reproducible. On the 1 mm images: 0.90 mm and 2.05 mm
+    # in two runs; the one-stage head registration it replaced gave 9.0 mm. On the app's 2 mm
+    # grid: 1.20 mm, 99.6 % of brain voxels covered by both. The bound separates good from that
+    # failure.
     assert mean_mm < 2.5
     assert covered.mean() > 0.99
-
-
-@pytest.mark.slow
-def test_chris_t1_field_looks_right(tmp_path: Path) -> None:
-    fixed = _real(SHARED_DATA / "raw_t1" / "chris_t1.nii.gz")
-    spec = resolve_atlas(None)
-    atlas_img, field = atlas_distance_field(spec)
-    reg = register_atlas(fixed, spec, cache_dir=tmp_path)
-    assert reg.quality > 0.4
-    warped = warp_distance_field(field, atlas_img, reg, fixed)
-    inside = warped[0] > 0
-    brain_ml = inside.sum() * abs(np.linalg.det(fixed.affine[:3, :3])) / 1000
-    assert 1100 < brain_ml < 2300
-    # the voxel nearest to (0.5, 0.5, 0.5) is deep in the middle of the brain
-    dist = np.where(inside, ((warped - 0.5) ** 2).sum(axis=0), np.inf)
-    ac = np.unravel_index(np.argmin(dist), dist.shape)
-    assert dist[ac] < 1e-3
-    centre = np.argwhere(inside).mean(axis=0)
-    assert np.linalg.norm((np.asarray(ac) - centre) * fixed.header.get_zooms()[:3]) < 25
-    # RAS image: x field grows left to right, y posterior to anterior, z inferior to superior
-    for axis in range(3):
-        lo, hi = list(ac), list(ac)
-        lo[axis] -= 20
-        hi[axis] += 20
-        assert warped[(axis, *lo)] < 0.5 < warped[(axis, *hi)]
