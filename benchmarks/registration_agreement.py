@@ -39,7 +39,8 @@ DEFAULT_T1W = REPO.parent / "shared" / "data" / "raw_t1" / "chris_t1.nii.gz"
 
 def label_agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     """``(fraction of brain voxels with the same label, mean Dice over the structures)`` of two
-    label maps of one grid (value 0: background; brain: either map not background)."""
+    label maps of one grid, as class indices (index 0: background; brain: either map not
+    background)."""
     brain = (a > 0) | (b > 0)
     same = float((a == b)[brain].mean()) if brain.any() else 1.0
     dices = []
@@ -66,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.t1w.is_file():
         sys.exit(f"registration agreement: {args.t1w} not found; pass a T1w")
-    torch.set_num_threads(args.threads)
+    from bids_cadiff.cli.run import set_threads
+
+    set_threads(args.threads)  # torch and ITK (ANTs, N4), before antspyx is imported
 
     from bids_cadiff.app.participant import (
         corrected_intensity,
@@ -75,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare_image,
         segment_prepared,
     )
+    from bids_cadiff.errors import RegistrationError
     from bids_cadiff.imaging.distance_field import scaling_radii
     from bids_cadiff.inference.refine import RefineSettings
     from bids_cadiff.io.nifti import load_t1w
@@ -107,8 +111,12 @@ def main(argv: list[str] | None = None) -> int:
         for resolution, seed in itertools.product(args.resolutions, args.seeds):
             start = time.perf_counter()
             params = RegistrationParams(resolution_mm=resolution, random_seed=seed)
-            reg = register_atlas(grid, atlas, cache_dir=Path(tmp), params=params,
-                                 image_path=args.t1w)
+            try:
+                reg = register_atlas(grid, atlas, cache_dir=Path(tmp), params=params,
+                                     image_path=args.t1w)
+            except RegistrationError as exc:  # not a good registration: left out, said so
+                print(f"{resolution:g} mm, seed {seed}: registration failed, left out ({exc})")
+                continue
             variant = replace(prepared, registration=reg,
                               distance=warp_distance_field(atlas_field, atlas_img, reg, grid))
             probs, crop_affine = segment_prepared(loaded, variant, steps=5, seed=0, device=device)
@@ -117,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((f"{resolution:g} mm, seed {seed}", reg.quality, variant.distance, labels,
                          time.perf_counter() - start))
 
+    if not rows:
+        sys.exit("registration agreement: no registration succeeded")
     first = rows[0][2]
     inside = first[0] > 0
     print(f"registration agreement: {args.t1w.name}, model {args.model or 'bundled'}, "

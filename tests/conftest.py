@@ -262,6 +262,7 @@ def prepared_real(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Path], 
     done: dict[Path, Any] = {}
 
     def prepare(path: Path) -> Any:
+        path = path.resolve()  # one key however the caller spells the path
         if not path.is_file():
             pytest.skip(f"real test data missing: {path} (see shared/data/README.md)")
         if not (COLIN27_DIR / "ch2.nii.gz").is_file():

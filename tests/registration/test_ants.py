@@ -12,6 +12,7 @@ import pytest
 
 from bids_cadiff.errors import RegistrationError
 from bids_cadiff.imaging.distance_field import scaling_radii
+from bids_cadiff.imaging.preprocess import resample_to_spacing, to_ras
 from bids_cadiff.registration import ants as ants_mod
 from bids_cadiff.registration.ants import (
     register_atlas,
@@ -151,7 +152,11 @@ def test_skull_on_and_off_give_same_field(prepared_real) -> None:
     np.testing.assert_allclose(with_skull.affine, stripped.affine)  # one head, one grid
     spec = resolve_atlas(None)
     atlas_img, _ = atlas_distance_field(spec)
-    brain = stripped.corrected > 0
+    spacing = tuple(float(v) for v in np.linalg.norm(stripped.affine[:3, :3], axis=0))
+    mask = resample_to_spacing(to_ras(nib.load(folder / "brainmask.mgz")), spacing,
+                               order=0)  # the brain on the model grid, no partial-volume shell
+    np.testing.assert_allclose(mask.affine, stripped.affine)
+    brain = np.asanyarray(mask.dataobj) > 0
     radii = scaling_radii(load_atlas(spec).brain_mask, atlas_img.affine, spec.origin_world)
     field_a, field_b = with_skull.distance, stripped.distance
     diff_mm = np.abs(field_a - field_b)[:, brain] * (2 * radii[:, None])
