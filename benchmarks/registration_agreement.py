@@ -43,12 +43,10 @@ def label_agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     background)."""
     brain = (a > 0) | (b > 0)
     same = float((a == b)[brain].mean()) if brain.any() else 1.0
-    dices = []
-    for value in np.union1d(np.unique(a[brain]), np.unique(b[brain])):
-        if value == 0:
-            continue
-        in_a, in_b = a == value, b == value
-        dices.append(2 * float((in_a & in_b).sum()) / float(in_a.sum() + in_b.sum()))
+    from bids_cadiff.evaluation.metrics import dice_score
+
+    values = [v for v in np.union1d(np.unique(a[brain]), np.unique(b[brain])) if v != 0]
+    dices = [dice_score(a == v, b == v) for v in values]
     return same, float(np.mean(dices)) if dices else 1.0
 
 

@@ -244,9 +244,6 @@ def phantom_app_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
     }
 
 
-#: The project's shared data, beside the repository (``../shared/data``; its README).
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
 
 @pytest.fixture(scope="session")
 def prepared_real(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Path], Any]:
