@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from bids_cadiff.app.participant import (
         labels_on_t1w_grid,
         load_model,
-        prepare_image,
+        prepare_for_model,
         segment_prepared,
     )
     from bids_cadiff.bidsio import derivatives as deriv
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     stages: dict[str, float] = {}
     start = time.perf_counter()
     loaded = load_model(args.model)
+    meta = loaded.metadata
     atlas = resolve_atlas(None)
     atlas_distance_field(atlas)
     stages["start-up (imports, model, atlas field)"] = time.perf_counter() - T0
@@ -63,12 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     t1 = load_t1w(t1w)
     stages["loading"] = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
-        meta = loaded.metadata
-        prepared = prepare_image(
-            t1, atlas=atlas, voxel_size=meta.voxel_size, normalization=meta.normalization,
-            cache_dir=Path(tmp) / "reg", image_path=t1w,
-            registration=str(meta.inputs["registration"]),
-        )
+        prepared = prepare_for_model(t1, meta, atlas=atlas,
+                                     cache_dir=Path(tmp) / "reg", image_path=t1w)
         stages["resample to model grid"] = prepared.timings["resample"]
         stages["N4"] = prepared.timings["n4"]
         stages["registration"] = prepared.timings["registration"]

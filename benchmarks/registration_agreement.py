@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         corrected_intensity,
         load_model,
         posterior_on_t1w_grid,
-        prepare_image,
+        prepare_for_model,
         segment_prepared,
     )
     from bids_cadiff.errors import RegistrationError
@@ -101,9 +101,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        prepared = prepare_image(t1, atlas=atlas, voxel_size=meta.voxel_size,
-                                 normalization=meta.normalization, cache_dir=Path(tmp),
-                                 image_path=args.t1w, registration="syn")
+        prepared = prepare_for_model(t1, meta, atlas=atlas, cache_dir=Path(tmp),
+                                     image_path=args.t1w)
         grid = nib.Nifti1Image(prepared.corrected, prepared.affine)
         intensity = corrected_intensity(t1, prepared) if refine is not None else None
         for resolution, seed in itertools.product(args.resolutions, args.seeds):

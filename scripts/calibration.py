@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         corrected_intensity,
         load_model,
         posterior_on_t1w_grid,
-        prepare_image,
+        prepare_for_model,
         segment_prepared,
     )
     from bids_cadiff.inference.refine import RefineSettings
@@ -92,11 +92,8 @@ def run(args: argparse.Namespace) -> int:
         truth = table.value_to_index(
             aseg_to_table_values(np.asarray(aseg.dataobj), aseg.affine, table)
         ).astype(np.int16)
-        prepared = prepare_image(
-            t1, atlas=atlas, voxel_size=meta.voxel_size, normalization=meta.normalization,
-            cache_dir=args.work / "registration", image_path=path,
-            registration=str(meta.inputs["registration"]),
-        )
+        prepared = prepare_for_model(t1, meta, atlas=atlas,
+                                     cache_dir=args.work / "registration", image_path=path)
         probs, crop_affine = segment_prepared(
             loaded, prepared, steps=loaded.model.diffusion_config.sampling_steps, seed=0,
             device=torch.device("cpu"),

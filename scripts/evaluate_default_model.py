@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from bids_cadiff.app.participant import (
         labels_on_t1w_grid,
         load_model,
-        prepare_image,
+        prepare_for_model,
         segment_prepared,
     )
     from bids_cadiff.inference.refine import RefineSettings
@@ -124,11 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         cadiff_inputs = tuple(i for i in cadiff_inputs if has_head or i[1] != "T1.mgz")
         for method, fname, model in cadiff_inputs:
             t1 = load_t1w(FSTD / subject / fname)
-            meta = model.metadata
-            prepared = prepare_image(
-                t1, atlas=atlas, voxel_size=meta.voxel_size, normalization=meta.normalization,
-                cache_dir=args.work / "registration", image_path=FSTD / subject / fname,
-                registration=str(meta.inputs["registration"]),
+            prepared = prepare_for_model(
+                t1, model.metadata, atlas=atlas, cache_dir=args.work / "registration",
+                image_path=FSTD / subject / fname,
             )
             probs, crop_affine = segment_prepared(
                 model, prepared, steps=model.model.diffusion_config.sampling_steps, seed=0,

@@ -251,7 +251,7 @@ def prepared_real(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Path], 
     model (RAS, the model's grid, N4, the atlas registered and its field warped), once per
     session: the tests that need the same head share its registration (minutes on 2 cores).
     Skips when the image, Colin27 or the bundled model is absent."""
-    from bids_cadiff.app.participant import DEFAULT_MODEL, load_model, prepare_image
+    from bids_cadiff.app.participant import DEFAULT_MODEL, load_model, prepare_for_model
     from bids_cadiff.io.nifti import load_t1w
     from bids_cadiff.registration.atlas import COLIN27_DIR, resolve_atlas
 
@@ -267,11 +267,9 @@ def prepared_real(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Path], 
         if not DEFAULT_MODEL.is_file():
             pytest.skip(f"no bundled default model at {DEFAULT_MODEL}")
         if path not in done:
-            meta = load_model(None).metadata
-            done[path] = prepare_image(
-                load_t1w(path), atlas=resolve_atlas(None), voxel_size=meta.voxel_size,
-                normalization=meta.normalization, cache_dir=cache, image_path=path,
-                registration=str(meta.inputs["registration"]),
+            done[path] = prepare_for_model(
+                load_t1w(path), load_model(None).metadata, atlas=resolve_atlas(None),
+                cache_dir=cache, image_path=path,
             )
         return done[path]
 

@@ -46,7 +46,7 @@ from bids_cadiff.imaging.preprocess import (
     resample_to_spacing,
     to_ras,
 )
-from bids_cadiff.inference.checkpoint import LoadedModel, load_checkpoint
+from bids_cadiff.inference.checkpoint import LoadedModel, ModelMetadata, load_checkpoint
 from bids_cadiff.inference.predict import brain_box, predict_volume, resolve_device
 from bids_cadiff.inference.refine import RefineSettings
 from bids_cadiff.inference.posterior import PROBABILITY_SCALE, GridPosterior
@@ -170,6 +170,23 @@ def prepare_image(
     timings["field_warp"] = time.perf_counter() - start
     return PreparedImage(image, distance, grid.affine, registration_result, bias, timings,
                          corrected=data)
+
+
+def prepare_for_model(
+    t1: nib.Nifti1Image,
+    metadata: ModelMetadata,
+    *,
+    atlas: AtlasSpec,
+    cache_dir: Path | None,
+    image_path: Path | None = None,
+) -> PreparedImage:
+    """:func:`prepare_image` with the voxel size, normalisation and registration mode that the
+    model's checkpoint records (``metadata``), as the app runs it."""
+    return prepare_image(
+        t1, atlas=atlas, voxel_size=metadata.voxel_size, normalization=metadata.normalization,
+        cache_dir=cache_dir, image_path=image_path,
+        registration=str(metadata.inputs["registration"]),
+    )
 
 
 def corrected_intensity(t1: nib.Nifti1Image, prepared: PreparedImage) -> np.ndarray:
@@ -304,11 +321,8 @@ def segment_t1w(
         raise ValueError(f"samples must be >= 1, got {samples}")
     meta = loaded.metadata
     table = meta.labels
-    prepared = prepare_image(
-        t1, atlas=atlas, voxel_size=meta.voxel_size, normalization=meta.normalization,
-        cache_dir=cache_dir, image_path=image_path,
-        registration=str(meta.inputs["registration"]),
-    )
+    prepared = prepare_for_model(t1, meta, atlas=atlas, cache_dir=cache_dir,
+                                 image_path=image_path)
     timings = dict(prepared.timings)
     orientation = None
     if orientation_check:

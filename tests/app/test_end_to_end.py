@@ -79,14 +79,13 @@ def _field_looks_right(t1w: Path, work: Path) -> None:
     """The atlas field the run used (its registration, from the work dir's cache) lies in the
     head the right way round: the atlas centre (0.5, 0.5, 0.5) deep in the middle of the brain,
     each coordinate growing left to right, back to front, bottom to top."""
-    from bids_cadiff.app.participant import load_model, prepare_image
+    from bids_cadiff.app.participant import load_model, prepare_for_model
     from bids_cadiff.io.nifti import load_t1w
     from bids_cadiff.registration.atlas import resolve_atlas
 
     meta = load_model(None).metadata
-    prepared = prepare_image(load_t1w(t1w), atlas=resolve_atlas(None), voxel_size=meta.voxel_size,
-                             normalization=meta.normalization, cache_dir=work / "registration",
-                             registration=str(meta.inputs["registration"]))
+    prepared = prepare_for_model(load_t1w(t1w), meta, atlas=resolve_atlas(None),
+                                 cache_dir=work / "registration")
     assert prepared.registration.cached  # the run's own registration, not a new one
     assert prepared.registration.quality > 0.4
     warped, zooms = prepared.distance, np.asarray(meta.voxel_size, dtype=float)

@@ -271,6 +271,21 @@ def test_images_are_registered_as_the_checkpoint_says(phantom_app_inputs, monkey
     with pytest.raises(UsageError, match="registration 'none'"):
         participant.prepare_image(t1, registration="none", **common)
 
+    # prepare_for_model takes the mode (and grid) from the checkpoint's metadata
+    from bids_cadiff.inference.checkpoint import ModelMetadata
+    from bids_cadiff.labels import SYNTHSEG32
+
+    def metadata(mode: str) -> ModelMetadata:
+        return ModelMetadata(name="t", labels=SYNTHSEG32,
+                             normalization={"method": "percentile"}, voxel_size=(4.0, 4.0, 4.0),
+                             patch_size=(8, 8, 8), inputs={"registration": mode})
+
+    with pytest.raises(Stop):
+        participant.prepare_for_model(t1, metadata("affine"), atlas=atlas, cache_dir=None)
+    assert seen[-1] == "Affine"
+    with pytest.raises(UsageError, match="registration 'none'"):
+        participant.prepare_for_model(t1, metadata("none"), atlas=atlas, cache_dir=None)
+
 
 def test_slices_are_taken_along_the_checkpoints_axis(phantom_app_inputs, monkeypatch):
     import dataclasses
