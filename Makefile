@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO ?= demo
 
-.PHONY: demo test test-fast install clean calibration default-model default-model-folds save-training-state container-test
+.PHONY: demo test test-fast install clean calibration default-model default-model-folds save-training-state crossval-default-model container-test
 
 install: $(STAMP)
 
@@ -84,6 +84,39 @@ default-model-fold%: work/shared_bids/labels/dataset_description.json
 default-model: work/shared_bids/labels/dataset_description.json
 	$(STATE) restore $(SAVED)/final $(V2)/final
 	$(TRAIN) $(V2)/final $(TRAIN_OPTS) $(TRAIN_LIMIT)
+
+# Cross-validation of the v2 folds (the model card's figures), once the three folds are trained:
+# each fold's model scores all seven subjects, skull on and off, with every refinement candidate
+# (fixed beforehand); per fold the candidate with the best mean Dice on the fold's other subjects
+# is kept for its test subjects (scripts/crossval_nested.py). The multi-atlas baseline votes the
+# fold's training subjects. Registrations are cached in work/evaluate; about 30 min per fold.
+CV2 := artifacts/crossval_v2
+CV_REFINE := em=1,em05=0.5
+CV_CANDIDATES := CA-Diff,CA-Diff + em,CA-Diff + em05
+EVAL := $(PY) scripts/evaluate_default_model.py --work work/evaluate
+TEST1 := sub-01,sub-02
+TEST2 := sub-03,sub-04
+TEST3 := sub-05,sub-06,sub-07
+ATLASES1 := sub-03,sub-04,sub-05,sub-06,sub-07
+ATLASES2 := sub-01,sub-02,sub-05,sub-06,sub-07
+ATLASES3 := sub-01,sub-02,sub-03,sub-04
+crossval-default-model: $(STAMP)
+	$(STATE) finished $(V2)/fold1 $(V2)/fold2 $(V2)/fold3
+	mkdir -p $(CV2)
+	for k in 1 2 3; do \
+	  $(EVAL) --model $(V2)/fold$$k/model.pt --test $(ALL_FSTD) --no-multiatlas --no-prior-alone \
+	    --refine $(CV_REFINE) --out $(CV2)/fold$${k}_all.tsv || exit 1; \
+	done
+	$(EVAL) --no-cadiff --test $(TEST1) --atlases $(ATLASES1) --out $(CV2)/multiatlas_fold1.tsv
+	$(EVAL) --no-cadiff --test $(TEST2) --atlases $(ATLASES2) --out $(CV2)/multiatlas_fold2.tsv
+	$(EVAL) --no-cadiff --test $(TEST3) --atlases $(ATLASES3) --out $(CV2)/multiatlas_fold3.tsv
+	$(PY) scripts/crossval_nested.py --candidates "$(CV_CANDIDATES)" \
+	    --fold $(CV2)/fold1_all.tsv $(TEST1) --fold $(CV2)/fold2_all.tsv $(TEST2) \
+	    --fold $(CV2)/fold3_all.tsv $(TEST3) \
+	    --baseline $(CV2)/multiatlas_fold1.tsv $(CV2)/multiatlas_fold2.tsv $(CV2)/multiatlas_fold3.tsv \
+	    --out-dir $(CV2)
+	$(PY) scripts/crossval_summary.py $(CV2)/fold1.tsv $(CV2)/fold2.tsv $(CV2)/fold3.tsv \
+	    --out $(CV2)/crossval.tsv > $(CV2)/crossval_summary.txt
 
 # The latest resumable checkpoint and the logs of every run started so far, into $(SAVED)
 # (one place, overwritten; dropped once the model they lead to is final).

@@ -13,6 +13,12 @@ state file (``checkpoints/iter-N.pt`` and ``iter-N_state.pt``), ``train_log.tsv`
 ``val_log.tsv`` and ``train_config.toml``. ``restore`` copies them back when the run folder
 has no checkpoint at least as far on (a fresh clone, a lost work folder), and does nothing
 otherwise; ``cadiff-train --resume auto`` then continues from it, exactly.
+
+    python scripts/training_state.py finished work/default_model_v2/fold1 work/default_model_v2/fold2
+
+``finished`` exits 1, naming the run and how far it is, unless every run has trained all the
+iterations of its ``train_config.toml`` and holds the ``model.pt`` they ended with (a run
+stopped early also writes ``model.pt``: scoring that as the fold's model would be wrong).
 """
 
 from __future__ import annotations
@@ -21,13 +27,14 @@ import argparse
 import logging
 import shutil
 import sys
+import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bids_cadiff.io.atomic import atomic_path  # noqa: E402
-from bids_cadiff.training.loop import latest_checkpoint, state_path  # noqa: E402
+from bids_cadiff.training.loop import FINAL_MODEL, checkpoint_path, latest_checkpoint, state_path  # noqa: E402,E501
 
 logger = logging.getLogger("training_state")
 
@@ -82,6 +89,19 @@ def restore(saved: Path, run: Path) -> bool:
     return True
 
 
+def unfinished(run: Path) -> str | None:
+    """Why ``run`` is not a finished training run, or ``None`` when it is."""
+    config = run / "train_config.toml"
+    if not config.is_file():
+        return f"{run}: no train_config.toml: not trained yet, or not a cadiff-train run folder"
+    iterations = int(tomllib.loads(config.read_text())["training"]["iterations"])
+    if not checkpoint_path(run, iterations).is_file() or not (run / FINAL_MODEL).is_file():
+        reached = _iteration(latest_checkpoint(run))
+        return (f"{run}: at iteration {max(reached, 0)} of {iterations}; finish it first "
+                "(make default-model-foldN resumes it)")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,8 +109,14 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name)
         p.add_argument(first, type=Path)
         p.add_argument(second, type=Path)
+    sub.add_parser("finished").add_argument("runs", type=Path, nargs="+")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.command == "finished":
+        reasons = [r for r in map(unfinished, args.runs) if r is not None]
+        for reason in reasons:
+            logger.error(reason)
+        return 1 if reasons else 0
     if args.command == "save":
         save(args.run, args.dest)
     else:

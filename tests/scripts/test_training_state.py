@@ -36,3 +36,18 @@ def test_save_keeps_only_the_latest_state_and_restore_brings_it_back(tmp_path: P
     assert not module.restore(saved, ahead)
     assert not (ahead / "checkpoints" / "iter-0001000.pt").exists()
     assert not module.restore(tmp_path / "nothing", fresh)
+
+
+def test_finished_needs_every_iteration_of_the_recipe_and_the_final_model(tmp_path: Path):
+    module = load_script("training_state")
+    run = _run(tmp_path / "fold1", 250, 500)
+    (run / "train_config.toml").write_text("[training]\niterations = 750\n")
+    (run / "model.pt").write_text("a model written by a stop at 500")  # stopped early
+    assert "at iteration 500 of 750" in module.unfinished(run)
+    assert module.main(["finished", str(run)]) == 1
+    (run / "checkpoints" / "iter-0000750.pt").write_text("weights 750")
+    assert module.unfinished(run) is None
+    assert module.main(["finished", str(run)]) == 0
+    other = _run(tmp_path / "fold2", 250)
+    assert "no train_config.toml" in module.unfinished(other)
+    assert module.main(["finished", str(run), str(other)]) == 1
