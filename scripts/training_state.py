@@ -14,6 +14,11 @@ state file (``checkpoints/iter-N.pt`` and ``iter-N_state.pt``), ``train_log.tsv`
 has no checkpoint at least as far on (a fresh clone, a lost work folder), and does nothing
 otherwise; ``cadiff-train --resume auto`` then continues from it, exactly.
 
+The label prior (a 14.6 MB buffer of the default model) is built once from the training labels
+and never trained, so ``save`` keeps it apart, in ``label_prior.pt``, which stays byte-for-byte
+the same from one save to the next: git stores it once, not once per save. ``restore`` puts it
+back and checks the checkpoint's content hash before the run sees it.
+
     python scripts/training_state.py finished work/default_model_v2/fold1 work/default_model_v2/fold2
 
 ``finished`` exits 1, naming the run and how far it is, unless every run has trained all the
@@ -24,15 +29,21 @@ stopped early also writes ``model.pt``: scoring that as the fold's model would b
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import shutil
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any
+
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bids_cadiff.errors import CheckpointError  # noqa: E402
+from bids_cadiff.inference.checkpoint import read_checkpoint  # noqa: E402
 from bids_cadiff.io.atomic import atomic_path  # noqa: E402
 from bids_cadiff.training.loop import FINAL_MODEL, checkpoint_path, latest_checkpoint, state_path  # noqa: E402,E501
 
@@ -40,6 +51,8 @@ logger = logging.getLogger("training_state")
 
 #: Run files kept beside the checkpoint.
 LOGS = ("train_log.tsv", "val_log.tsv", "train_config.toml")
+#: The checkpoint's buffer kept apart (unchanged by training), and the file it is kept in.
+PRIOR_KEY, PRIOR_FILE = "label_prior", "label_prior.pt"
 
 
 def _iteration(checkpoint: Path | None) -> int:
@@ -52,6 +65,49 @@ def _copy(src: Path, dest: Path) -> None:
         shutil.copyfile(src, tmp)
 
 
+def _serialised(obj: Any) -> bytes:
+    """``torch.save`` bytes, the same for the same tensors (no file name inside)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _write(data: bytes, dest: Path) -> None:
+    if dest.is_file() and dest.read_bytes() == data:
+        return  # unchanged: the committed blob stays the same
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(data)
+
+
+def _save_checkpoint_apart(checkpoint: Path, dest: Path) -> None:
+    """The checkpoint without its label prior into ``dest/checkpoints``, the prior into
+    ``dest/label_prior.pt`` (a checkpoint without one is copied as it is)."""
+    payload = read_checkpoint(checkpoint)
+    prior = payload["state_dict"].pop(PRIOR_KEY, None)
+    if prior is None:
+        _copy(checkpoint, dest / "checkpoints" / checkpoint.name)
+        (dest / PRIOR_FILE).unlink(missing_ok=True)
+        return
+    _write(_serialised(prior), dest / PRIOR_FILE)
+    _write(_serialised(payload), dest / "checkpoints" / checkpoint.name)
+
+
+def _restore_checkpoint(kept: Path, saved: Path, dest: Path) -> None:
+    """``kept`` with the label prior of ``saved`` put back, verified, as ``dest``."""
+    payload = torch.load(kept, map_location="cpu", weights_only=True)
+    if PRIOR_KEY not in payload.get("state_dict", {}) and (saved / PRIOR_FILE).is_file():
+        payload["state_dict"][PRIOR_KEY] = torch.load(
+            saved / PRIOR_FILE, map_location="cpu", weights_only=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(_serialised(payload))
+        try:
+            read_checkpoint(tmp)
+        except CheckpointError as exc:
+            raise SystemExit(f"{kept} with {saved / PRIOR_FILE} is not the checkpoint that was "
+                             f"saved ({exc}); restore the folder from git") from exc
+
+
 def save(run: Path, dest: Path) -> Path:
     """Copy ``run``'s latest resumable checkpoint and its logs into ``dest`` (replacing it)."""
     checkpoint = latest_checkpoint(run)
@@ -61,8 +117,8 @@ def save(run: Path, dest: Path) -> Path:
     for old in (dest / "checkpoints").glob("iter-*.pt") if dest.exists() else []:
         if old.name not in {f.name for f in files}:
             old.unlink()
-    for f in files:
-        _copy(f, dest / "checkpoints" / f.name)
+    _save_checkpoint_apart(checkpoint, dest)
+    _copy(state_path(checkpoint), dest / "checkpoints" / state_path(checkpoint).name)
     for name in LOGS:
         if (run / name).exists():
             _copy(run / name, dest / name)
@@ -80,8 +136,8 @@ def restore(saved: Path, run: Path) -> bool:
         logger.info("%s is at iteration %d, the saved state at %d: kept as it is", run,
                     _iteration(have), _iteration(kept))
         return False
-    for f in (kept, state_path(kept)):
-        _copy(f, run / "checkpoints" / f.name)
+    _restore_checkpoint(kept, saved, run / "checkpoints" / kept.name)
+    _copy(state_path(kept), run / "checkpoints" / state_path(kept).name)
     for name in LOGS:
         if (saved / name).exists():
             _copy(saved / name, run / name)

@@ -4,13 +4,35 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+from bids_cadiff.inference.checkpoint import ModelMetadata, read_checkpoint, save_checkpoint
+from bids_cadiff.labels import SYNTHSEG32, LabelTable
+from bids_cadiff.models.config import DiffusionConfig, ModelConfig
+from bids_cadiff.models.diffusion import CADiff
 from tests.scripts import load_script
 
+TABLE = LabelTable(SYNTHSEG32.entries[:3])
 
-def _run(folder: Path, *iterations: int) -> Path:
+
+def _checkpoint(path: Path, iteration: int, prior: bool = True) -> str:
+    """A real (tiny) checkpoint whose weights depend on ``iteration``; its content hash."""
+    torch.manual_seed(iteration)
+    model = CADiff(ModelConfig(spatial_dims=3, num_classes=3, channels=(4, 8), time_embed_dim=16,
+                               label_prior_bins=4 if prior else 0),
+                   DiffusionConfig(sampling_steps=3, similarity="dice"))
+    if prior:
+        torch.manual_seed(0)  # the same prior at every iteration, as in training
+        model.set_label_prior(torch.softmax(torch.randn(3, 4, 4, 4), dim=0))
+    meta = ModelMetadata(name="tiny", labels=TABLE, normalization={"method": "percentile"},
+                         voxel_size=(2.0, 2.0, 2.0), patch_size=(16, 16, 16))
+    return save_checkpoint(path, model, meta)
+
+
+def _run(folder: Path, *iterations: int, prior: bool = True) -> Path:
     (folder / "checkpoints").mkdir(parents=True)
     for i in iterations:
-        (folder / "checkpoints" / f"iter-{i:07d}.pt").write_text(f"weights {i}")
+        _checkpoint(folder / "checkpoints" / f"iter-{i:07d}.pt", i, prior)
         (folder / "checkpoints" / f"iter-{i:07d}_state.pt").write_text(f"state {i}")
     (folder / "train_log.tsv").write_text(f"log up to {max(iterations)}")
     return folder
@@ -19,7 +41,7 @@ def _run(folder: Path, *iterations: int) -> Path:
 def test_save_keeps_only_the_latest_state_and_restore_brings_it_back(tmp_path: Path):
     module = load_script("training_state")
     run, saved = _run(tmp_path / "run", 250, 500), tmp_path / "saved"
-    (run / "checkpoints" / "iter-0000750.pt").write_text("no state: not resumable")
+    _checkpoint(run / "checkpoints" / "iter-0000750.pt", 750)  # no state: not resumable
     module.main(["save", str(run), str(saved)])
     assert sorted(p.name for p in (saved / "checkpoints").iterdir()) == [
         "iter-0000500.pt", "iter-0000500_state.pt"]
@@ -42,12 +64,45 @@ def test_finished_needs_every_iteration_of_the_recipe_and_the_final_model(tmp_pa
     module = load_script("training_state")
     run = _run(tmp_path / "fold1", 250, 500)
     (run / "train_config.toml").write_text("[training]\niterations = 750\n")
-    (run / "model.pt").write_text("a model written by a stop at 500")  # stopped early
+    _checkpoint(run / "model.pt", 500)  # written by a stop at 500
     assert "at iteration 500 of 750" in module.unfinished(run)
     assert module.main(["finished", str(run)]) == 1
-    (run / "checkpoints" / "iter-0000750.pt").write_text("weights 750")
+    _checkpoint(run / "checkpoints" / "iter-0000750.pt", 750)
     assert module.unfinished(run) is None
     assert module.main(["finished", str(run)]) == 0
     other = _run(tmp_path / "fold2", 250)
     assert "no train_config.toml" in module.unfinished(other)
     assert module.main(["finished", str(run), str(other)]) == 1
+
+
+def test_the_label_prior_is_kept_once_and_put_back_exactly(tmp_path: Path):
+    module = load_script("training_state")
+    saved = tmp_path / "saved"
+    module.main(["save", str(_run(tmp_path / "a", 500)), str(saved)])
+    kept = saved / "checkpoints" / "iter-0000500.pt"
+    assert "label_prior" not in torch.load(kept, weights_only=True)["state_dict"]
+    prior_bytes = (saved / "label_prior.pt").read_bytes()
+    module.main(["save", str(_run(tmp_path / "b", 1000)), str(saved)])
+    assert (saved / "label_prior.pt").read_bytes() == prior_bytes  # one blob for git
+    original = read_checkpoint(tmp_path / "b" / "checkpoints" / "iter-0001000.pt")
+    fresh = tmp_path / "fresh"
+    assert module.restore(saved, fresh)
+    back = read_checkpoint(fresh / "checkpoints" / "iter-0001000.pt")  # verified content hash
+    assert back["sha256"] == original["sha256"]
+    assert torch.equal(back["state_dict"]["label_prior"], original["state_dict"]["label_prior"])
+
+    (saved / "label_prior.pt").unlink()  # a prior lost or from elsewhere: refused by name
+    try:
+        module.restore(saved, tmp_path / "broken")
+    except SystemExit as exc:
+        assert "not the checkpoint that was saved" in str(exc)
+    else:
+        raise AssertionError("a checkpoint without its prior was restored")
+    assert not list((tmp_path / "broken").rglob("iter-*.pt"))
+
+    plain = tmp_path / "plain_saved"  # a model without a prior is kept whole
+    module.main(["save", str(_run(tmp_path / "c", 250, prior=False)), str(plain)])
+    assert not (plain / "label_prior.pt").exists()
+    read_checkpoint(plain / "checkpoints" / "iter-0000250.pt")
+    assert module.restore(plain, tmp_path / "plain_run")
+    read_checkpoint(tmp_path / "plain_run" / "checkpoints" / "iter-0000250.pt")
