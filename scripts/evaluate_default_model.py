@@ -9,8 +9,8 @@ For each test subject: CA-Diff through the app's own pipeline (raw T1.mgz with s
 brainmask.mgz without), for a model with a label prior also the prior alone (the network's
 logits set to zero), and the multi-atlas baseline (each atlas subject registered to the test
 image with the app's registration, labels majority-voted). A subject without ``T1.mgz``
-(sub-03) is scored skull-stripped only: its skull-on and prior-alone rows are absent and its
-multi-atlas target is ``brainmask.mgz``. Always pass ``--out`` when scoring another model or
+(sub-03 had none in early copies of the data) is scored skull-stripped only: its skull-on and
+prior-alone rows are absent and its multi-atlas target is ``brainmask.mgz``. Always pass ``--out`` when scoring another model or
 fold: its default is the shipped model's score file. Scores: Dice and NSD (1 mm) per
 structure on the aseg grid, aseg mapped to the 32 structures. Writes per-subject scores to a
 TSV and prints the class-average and per-structure tables of
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         ref_values = aseg_to_table_values(np.asarray(aseg.dataobj), aseg.affine, table)
         ref_idx = table.value_to_index(ref_values)
         zooms = tuple(float(z) for z in aseg.header.get_zooms()[:3])
-        # sub-03 has no T1.mgz: only its skull-stripped image is scored (and registered)
+        # a subject without T1.mgz: only its skull-stripped image is scored (and registered)
         has_head = (FSTD / subject / "T1.mgz").is_file()
         if not has_head:
             log.warning("%s has no T1.mgz: skull-on methods skipped, multi-atlas on brainmask.mgz", subject)

@@ -29,8 +29,10 @@ stopped early also writes ``model.pt``: scoring that as the fold's model would b
 from __future__ import annotations
 
 import argparse
+import filecmp
 import io
 import logging
+import pickle
 import shutil
 import sys
 import tomllib
@@ -94,11 +96,18 @@ def _save_checkpoint_apart(checkpoint: Path, dest: Path) -> None:
 
 def _restore_checkpoint(kept: Path, saved: Path, dest: Path) -> None:
     """``kept`` with the label prior of ``saved`` put back, verified, as ``dest``."""
-    payload = torch.load(kept, map_location="cpu", weights_only=True)
-    if PRIOR_KEY not in payload.get("state_dict", {}) and (saved / PRIOR_FILE).is_file():
-        payload["state_dict"][PRIOR_KEY] = torch.load(
-            saved / PRIOR_FILE, map_location="cpu", weights_only=True)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        payload = torch.load(kept, map_location="cpu", weights_only=True)
+        state_dict = payload["state_dict"]
+        if PRIOR_KEY not in state_dict and payload["model_config"].get("label_prior_bins"):
+            if not (saved / PRIOR_FILE).is_file():
+                raise SystemExit(f"{kept} was saved without its label prior and {saved / PRIOR_FILE} "
+                                 "is missing; restore the folder from git")
+            state_dict[PRIOR_KEY] = torch.load(saved / PRIOR_FILE, map_location="cpu",
+                                               weights_only=True)
+    except (OSError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError) as exc:
+        raise SystemExit(f"{kept} or {saved / PRIOR_FILE} cannot be read ({exc}); "
+                         "restore the folder from git") from exc
     with atomic_path(dest) as tmp:
         tmp.write_bytes(_serialised(payload))
         try:
@@ -114,11 +123,11 @@ def save(run: Path, dest: Path) -> Path:
     if checkpoint is None:
         raise SystemExit(f"{run} has no checkpoint with a state file: nothing to save")
     files = [checkpoint, state_path(checkpoint)]
-    for old in (dest / "checkpoints").glob("iter-*.pt") if dest.exists() else []:
+    _save_checkpoint_apart(checkpoint, dest)  # reads and verifies it first
+    _copy(state_path(checkpoint), dest / "checkpoints" / state_path(checkpoint).name)
+    for old in (dest / "checkpoints").glob("iter-*.pt"):
         if old.name not in {f.name for f in files}:
             old.unlink()
-    _save_checkpoint_apart(checkpoint, dest)
-    _copy(state_path(checkpoint), dest / "checkpoints" / state_path(checkpoint).name)
     for name in LOGS:
         if (run / name).exists():
             _copy(run / name, dest / name)
@@ -151,10 +160,14 @@ def unfinished(run: Path) -> str | None:
     if not config.is_file():
         return f"{run}: no train_config.toml: not trained yet, or not a cadiff-train run folder"
     iterations = int(tomllib.loads(config.read_text())["training"]["iterations"])
-    if not checkpoint_path(run, iterations).is_file() or not (run / FINAL_MODEL).is_file():
+    last, final = checkpoint_path(run, iterations), run / FINAL_MODEL
+    if not last.is_file():
         reached = _iteration(latest_checkpoint(run))
         return (f"{run}: at iteration {max(reached, 0)} of {iterations}; finish it first "
                 "(make default-model-foldN resumes it)")
+    if not final.is_file() or not filecmp.cmp(final, last, shallow=False):
+        return (f"{run}: {FINAL_MODEL} is not the final checkpoint {last.name} (a model from an "
+                f"earlier stop); resume the run once (make default-model-foldN) to write it")
     return None
 
 

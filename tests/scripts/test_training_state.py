@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -68,6 +69,8 @@ def test_finished_needs_every_iteration_of_the_recipe_and_the_final_model(tmp_pa
     assert "at iteration 500 of 750" in module.unfinished(run)
     assert module.main(["finished", str(run)]) == 1
     _checkpoint(run / "checkpoints" / "iter-0000750.pt", 750)
+    assert "model.pt is not the final checkpoint" in module.unfinished(run)  # still the stop's
+    shutil.copyfile(run / "checkpoints" / "iter-0000750.pt", run / "model.pt")
     assert module.unfinished(run) is None
     assert module.main(["finished", str(run)]) == 0
     other = _run(tmp_path / "fold2", 250)
@@ -95,10 +98,18 @@ def test_the_label_prior_is_kept_once_and_put_back_exactly(tmp_path: Path):
     try:
         module.restore(saved, tmp_path / "broken")
     except SystemExit as exc:
-        assert "not the checkpoint that was saved" in str(exc)
+        assert "label_prior.pt is missing" in str(exc)
     else:
         raise AssertionError("a checkpoint without its prior was restored")
     assert not list((tmp_path / "broken").rglob("iter-*.pt"))
+    torch.save(torch.zeros(3, 4, 4, 4), saved / "label_prior.pt")  # another run's: by hash
+    try:
+        module.restore(saved, tmp_path / "broken")
+    except SystemExit as exc:
+        assert "not the checkpoint that was saved" in str(exc)
+    else:
+        raise AssertionError("a checkpoint with another prior was restored")
+    assert not [p for p in (tmp_path / "broken").rglob("*") if p.is_file()]
 
     plain = tmp_path / "plain_saved"  # a model without a prior is kept whole
     module.main(["save", str(_run(tmp_path / "c", 250, prior=False)), str(plain)])
