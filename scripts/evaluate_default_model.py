@@ -10,8 +10,8 @@ brainmask.mgz without), for a model with a label prior also the prior alone (the
 logits set to zero), and the multi-atlas baseline (each atlas subject registered to the test
 image with the app's registration, labels majority-voted). A subject without ``T1.mgz``
 (sub-03 had none in early copies of the data) is scored skull-stripped only: its skull-on and
-prior-alone rows are absent and its multi-atlas target is ``brainmask.mgz``. Always pass ``--out`` when scoring another model or
-fold: its default is the shipped model's score file. Scores: Dice and NSD (1 mm) per
+prior-alone rows are absent and its multi-atlas target is ``brainmask.mgz``. Always pass
+``--out`` when scoring another model or fold: its default is the shipped model's score file. Scores: Dice and NSD (1 mm) per
 structure on the aseg grid, aseg mapped to the 32 structures. Writes per-subject scores to a
 TSV and prints the class-average and per-structure tables of
 :func:`bids_cadiff.evaluation.crossval.render` (the same as scripts/crossval_summary.py).

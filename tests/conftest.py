@@ -244,7 +244,6 @@ def phantom_app_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
     }
 
 
-
 @pytest.fixture(scope="session")
 def prepared_real(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Path], Any]:
     """``prepare(path)``: a real T1w (shared data) as the app prepares it for the bundled

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
 from bids_cadiff.inference.checkpoint import ModelMetadata, read_checkpoint, save_checkpoint
@@ -95,20 +96,12 @@ def test_the_label_prior_is_kept_once_and_put_back_exactly(tmp_path: Path):
     assert torch.equal(back["state_dict"]["label_prior"], original["state_dict"]["label_prior"])
 
     (saved / "label_prior.pt").unlink()  # a prior lost or from elsewhere: refused by name
-    try:
+    with pytest.raises(SystemExit, match="label_prior.pt is missing"):
         module.restore(saved, tmp_path / "broken")
-    except SystemExit as exc:
-        assert "label_prior.pt is missing" in str(exc)
-    else:
-        raise AssertionError("a checkpoint without its prior was restored")
     assert not list((tmp_path / "broken").rglob("iter-*.pt"))
     torch.save(torch.zeros(3, 4, 4, 4), saved / "label_prior.pt")  # another run's: by hash
-    try:
+    with pytest.raises(SystemExit, match="not the checkpoint that was saved"):
         module.restore(saved, tmp_path / "broken")
-    except SystemExit as exc:
-        assert "not the checkpoint that was saved" in str(exc)
-    else:
-        raise AssertionError("a checkpoint with another prior was restored")
     assert not [p for p in (tmp_path / "broken").rglob("*") if p.is_file()]
 
     plain = tmp_path / "plain_saved"  # a model without a prior is kept whole
