@@ -441,22 +441,30 @@ def prepare_items(
 
     Under DDP each rank prepares every ``world_size``-th image first (so the expensive
     registrations are shared out); the caller then waits for all ranks and calls this again,
-    which reads every image from the cache.
+    which reads every image from the cache. Separate runs that share ``work_dir`` share out
+    the preparing too (:func:`~bids_cadiff.training.prepare.prepare_in_turn`).
     """
-    from tqdm import tqdm
-
     from bids_cadiff.app.participant import prepare_image
     from bids_cadiff.training.data import TrainingItem
-    from bids_cadiff.training.prepare import labels_to_index, prepare_training_image
+    from bids_cadiff.training.prepare import (
+        labels_to_index,
+        prepare_in_turn,
+        prepare_training_image,
+    )
 
     settings = _prepare_settings(config, atlas)
     mine = [p for i, p in enumerate(pairs) if i % world_size == rank]
-    items = []
-    for pair in tqdm(mine, desc="preparing", unit="image", disable=rank != 0):
-        prepared = prepare_training_image(
+
+    def prepare_one(pair: TrainingPair, wait: bool) -> Any:
+        return prepare_training_image(
             pair.t1w, pair.dseg, settings=settings, work_dir=work_dir, prepare_fn=prepare_image,
-            mask_path=pair.mask,
+            mask_path=pair.mask, wait=wait,
         )
+
+    items = []
+    prepared_all = prepare_in_turn(mine, prepare_one, desc="preparing", unit="image",
+                                   progress=rank == 0)
+    for pair, prepared in zip(mine, prepared_all):
         assert prepared.label_values is not None
         labels = labels_to_index(prepared.label_values, table, merge, prepared.affine)
         if not labels.any():
@@ -501,25 +509,28 @@ def prepare_label_map_items(
     world_size: int = 1,
 ) -> list[Any]:
     """:class:`~bids_cadiff.training.data.TrainingItem` (``real=False``) of label maps without
-    images (cached on disk as :func:`prepare_items`; shared out under DDP the same way)."""
+    images (cached on disk as :func:`prepare_items`; shared out the same way)."""
     from fnmatch import fnmatch
-
-    from tqdm import tqdm
 
     from bids_cadiff.app.participant import prepare_image
     from bids_cadiff.training.data import TrainingItem
-    from bids_cadiff.training.prepare import labels_to_index, prepare_label_map
+    from bids_cadiff.training.prepare import labels_to_index, prepare_in_turn, prepare_label_map
     from bids_cadiff.training.synth import CSF_VALUE
 
     data = config.data
     settings = _prepare_settings(config, atlas)
     csf = table.value_to_index(np.array([CSF_VALUE]))[0] if CSF_VALUE in table.values else 0
-    items = []
     mine = [m for i, m in enumerate(maps) if i % world_size == rank]
-    for path in tqdm(mine, desc="preparing label maps", unit="map", disable=rank != 0):
+
+    def prepare_one(path: Path, wait: bool) -> Any:
         split = any(fnmatch(path.name, pattern) for pattern in data.split_midline_maps)
-        prepared = prepare_label_map(path, settings=settings, work_dir=work_dir,
-                                     prepare_fn=prepare_image, split_midline=split)
+        return prepare_label_map(path, settings=settings, work_dir=work_dir,
+                                 prepare_fn=prepare_image, split_midline=split, wait=wait)
+
+    items = []
+    prepared_all = prepare_in_turn(mine, prepare_one, desc="preparing label maps", unit="map",
+                                   progress=rank == 0)
+    for path, prepared in zip(mine, prepared_all):
         assert prepared.label_values is not None
         labels = labels_to_index(prepared.label_values, table, merge, prepared.affine)
         if data.synthetic_csf_to_background and csf:
@@ -574,6 +585,7 @@ def run_training(
     Returns:
         the loop's result (final checkpoint at ``OUTPUT_DIR/model.pt``).
     """
+    clock_start = time.perf_counter()  # --time-limit counts from here: preparation is inside it
     import torch
 
     from bids_cadiff.inference.checkpoint import ModelMetadata
@@ -664,7 +676,7 @@ def run_training(
         return train(
             model, train_items, settings=config.training, metadata=metadata,
             output_dir=output_dir, ctx=ctx, val_items=val_items, resume=resume, progress=progress,
-            sampling=config.sampling,
+            sampling=config.sampling, clock_start=clock_start,
         )
     finally:
         if own_context:

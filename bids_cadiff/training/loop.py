@@ -28,7 +28,8 @@ checkpoint, or settings (model, data, seed, batch, ...) that differ from the run
 On GPUs, cuDNN may pick non-deterministic kernels: resume is then exact in the data and RNG
 streams but weights can differ in the last bits unless ``deterministic`` is set.
 
-Stopping early. ``time_limit`` seconds after the call started, or on SIGTERM or SIGUSR1 (what
+Stopping early. ``time_limit`` seconds after the call started (or after ``clock_start``: the
+app's start, preparation included), or on SIGTERM or SIGUSR1 (what
 SLURM sends before it pre-empts or times out a job: ``#SBATCH --signal=B:USR1@300``), the loop
 finishes the iteration it is in, writes a checkpoint and returns with ``stopped_early`` (and
 ``signal`` naming the signal); ``--resume auto`` continues from there.
@@ -571,6 +572,7 @@ def train(
     resume: str | Path | None = None,
     progress: bool = True,
     sampling: SamplingSettings | None = None,
+    clock_start: float | None = None,
 ) -> TrainResult:
     """Train ``model`` on random patches of ``items`` (see the module docstring).
 
@@ -589,6 +591,9 @@ def train(
         sampling: how patches are drawn: ``mode="patches"`` (default): real images with MONAI
             augmentation (:class:`~bids_cadiff.training.data.PatchDataset`); ``"mixed"``: real
             and synthesised images (:class:`~bids_cadiff.training.sampler.MixedPatchDataset`).
+        clock_start: the :func:`time.perf_counter` value ``settings.time_limit`` counts from
+            (the app passes its own start, so that preparing the data is inside the limit);
+            default: this call's start.
 
     Returns:
         the trained model and where its final checkpoint is.
@@ -739,7 +744,8 @@ def train(
                     if writer is not None:
                         writer.add_scalar("val/dice", val_dice, done)
                 barrier(ctx)
-            out_of_time = _out_of_time(started, settings.time_limit, ctx, bool(received))
+            out_of_time = _out_of_time(started if clock_start is None else clock_start,
+                                       settings.time_limit, ctx, bool(received))
             if done % settings.checkpoint_every == 0 or done == settings.iterations or out_of_time:
                 if main:
                     final = _save(

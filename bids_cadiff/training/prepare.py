@@ -6,6 +6,12 @@ normalisation, the atlas (its files' sha256) and the registration mode. The file
 atomically (temporary file, then rename), so concurrent or interrupted runs never leave a
 half-written cache entry; a changed input, setting or atlas gives a new key.
 
+Runs that share a work dir (cross-validation folds side by side, jobs of an array on a
+cluster) share out the preparing: an entry being prepared is locked (``<key>.lock``, an
+advisory ``flock`` that dies with its process), and :func:`prepare_in_turn` first takes the
+entries no other process is preparing, then waits for the others and reads them from the cache.
+Where the file system has no locks, every run prepares what it lacks (correct, only slower).
+
 The image and distance field are those the participant pipeline computes at inference
 (:func:`bids_cadiff.app.participant.prepare_image`: RAS → resample to the voxel size → N4 →
 percentile normalisation → atlas registration → warped distance field). The app passes that
@@ -25,13 +31,17 @@ space, or for tests.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
+
+from tqdm import tqdm
 
 import nibabel as nib
 import numpy as np
@@ -55,12 +65,14 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "REGISTRATION_MODES",
+    "EntryBusy",
     "PrepareSettings",
     "PreparedTrainingImage",
     "default_prepare",
     "file_digest",
     "brain_mask_from_labels",
     "labels_to_index",
+    "prepare_in_turn",
     "prepare_label_map",
     "prepare_training_image",
     "skull_stripped_input",
@@ -239,6 +251,74 @@ def default_prepare(
     return image, distance, np.asarray(grid.affine), corrected
 
 
+class EntryBusy(Exception):
+    """Another process is preparing this cache entry (raised with ``wait=False``)."""
+
+
+@contextlib.contextmanager
+def _claimed(entry: Path, *, wait: bool) -> Iterator[None]:
+    """Hold the exclusive lock of cache ``entry`` while preparing it.
+
+    Raises :class:`EntryBusy` when another process holds it and ``wait`` is false; with
+    ``wait`` it blocks until that process is done (or has died: the lock goes with it). On a
+    file system without ``flock`` it does not lock.
+    """
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with open(entry.with_suffix(".lock"), "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise EntryBusy(entry) from None
+        except OSError as exc:  # e.g. Lustre mounted without -o flock
+            logger.debug("%s: no lock (%s); preparing without one", entry, exc)
+        yield  # the lock is released when the file closes
+
+
+def _cached(
+    entry: Path, key: str, t1w_path: Path, label_path: Path | None
+) -> PreparedTrainingImage | None:
+    return _load_npz(entry, key, t1w_path, label_path) if entry.is_file() else None
+
+
+_Task = TypeVar("_Task")
+
+
+def prepare_in_turn(
+    tasks: Sequence[_Task],
+    prepare_one: Callable[[_Task, bool], PreparedTrainingImage],
+    *,
+    desc: str,
+    unit: str,
+    progress: bool = True,
+) -> list[PreparedTrainingImage]:
+    """Prepare every task, sharing the work with other processes that use the same cache.
+
+    Each task is first tried with ``prepare_one(task, False)``, which raises
+    :class:`EntryBusy` when another process is preparing that entry; those are put off and
+    taken at the end with ``prepare_one(task, True)``, which waits for the other process and
+    then reads its result from the cache. Alone, this is plain preparation in order.
+
+    Returns:
+        the prepared items in the order of ``tasks``.
+    """
+    done: dict[int, PreparedTrainingImage] = {}
+    put_off: list[int] = []
+    with tqdm(total=len(tasks), desc=desc, unit=unit, disable=not progress) as bar:
+        for i, task in enumerate(tasks):
+            try:
+                done[i] = prepare_one(task, False)
+                bar.update()
+            except EntryBusy:
+                put_off.append(i)
+        if put_off:
+            logger.info("%d %s(s) being prepared by another process; waiting for them",
+                        len(put_off), unit)
+        for i in put_off:
+            done[i] = prepare_one(tasks[i], True)
+            bar.update()
+    return [done[i] for i in range(len(tasks))]
+
+
 def _save_npz(path: Path, prepared: PreparedTrainingImage) -> None:
     arrays: dict[str, np.ndarray] = {
         "image": prepared.image, "distance": prepared.distance, "affine": prepared.affine,
@@ -295,6 +375,7 @@ def prepare_training_image(
     work_dir: str | Path,
     prepare_fn: PrepareFn | None = None,
     mask_path: str | Path | None = None,
+    wait: bool = True,
 ) -> PreparedTrainingImage:
     """Prepare (or read from the cache) one T1w and its label map on the model grid.
 
@@ -309,23 +390,43 @@ def prepare_training_image(
         mask_path: a brain mask of the T1w (any grid; e.g. ``*_desc-brain_mask.nii.gz``):
             the skull-stripped training input is the image inside it. Default: the labelled
             voxels with holes filled.
+        wait: when another process is preparing the same entry, wait for it and read its
+            result (``True``) or raise :class:`EntryBusy` (``False``; :func:`prepare_in_turn`).
 
     Returns:
         the prepared arrays.
 
     Raises:
         InputError: an unreadable image or label map, or a failed registration.
+        EntryBusy: with ``wait=False``, another process is preparing this entry.
     """
     t1w_path, work_dir = Path(t1w_path), Path(work_dir)
     label_path = Path(label_path) if label_path is not None else None
     mask_path = Path(mask_path) if mask_path is not None else None
     key = cache_key(t1w_path, label_path, settings, mask_path=mask_path)
     entry = work_dir / "prepared" / f"{key}.npz"
-    if entry.is_file():
-        cached = _load_npz(entry, key, t1w_path, label_path)
+    cached = _cached(entry, key, t1w_path, label_path)
+    if cached is not None:
+        logger.debug("%s: prepared arrays from cache %s", t1w_path.name, key[:12])
+        return cached
+    with _claimed(entry, wait=wait):
+        cached = _cached(entry, key, t1w_path, label_path)  # another process's, while we waited
         if cached is not None:
-            logger.debug("%s: prepared arrays from cache %s", t1w_path.name, key[:12])
             return cached
+        return _prepare_training_image(t1w_path, label_path, settings, work_dir, prepare_fn,
+                                       mask_path, key, entry)
+
+
+def _prepare_training_image(
+    t1w_path: Path,
+    label_path: Path | None,
+    settings: PrepareSettings,
+    work_dir: Path,
+    prepare_fn: PrepareFn | None,
+    mask_path: Path | None,
+    key: str,
+    entry: Path,
+) -> PreparedTrainingImage:
     logger.info("%s: preparing (registration: %s)", t1w_path.name, settings.registration)
     t1 = load_t1w(t1w_path)
     image, distance, affine, corrected = _prepare_t1(t1, t1w_path, settings, work_dir, prepare_fn)
@@ -378,6 +479,7 @@ def prepare_label_map(
     work_dir: str | Path,
     prepare_fn: PrepareFn | None = None,
     split_midline: bool = False,
+    wait: bool = True,
 ) -> PreparedTrainingImage:
     """Prepare (or read from the cache) a label map that has no image (SynthSeg manner).
 
@@ -388,23 +490,42 @@ def prepare_label_map(
 
     Args:
         label_path: the label map (FreeSurfer values, any grid).
-        settings, work_dir, prepare_fn: as :func:`prepare_training_image`.
+        settings, work_dir, prepare_fn, wait: as :func:`prepare_training_image`.
         split_midline: the map carries left codes in both hemispheres (older SynthSeg maps):
             give the right side right codes (:func:`~bids_cadiff.labels.split_left_codes_at_midline`).
 
     Returns:
         the prepared map, ``real=False``, ``mask`` the brain labels.
-    """
-    from bids_cadiff.labels import split_left_codes_at_midline
-    from bids_cadiff.training.synth import BRAIN_VALUES, mean_t1_image
 
+    Raises:
+        EntryBusy: with ``wait=False``, another process is preparing this entry.
+    """
     label_path, work_dir = Path(label_path), Path(work_dir)
     key = cache_key(None, label_path, settings, kind=f"label-map split={split_midline}")
     entry = work_dir / "prepared" / f"{key}.npz"
-    if entry.is_file():
-        cached = _load_npz(entry, key, label_path, label_path)
+    cached = _cached(entry, key, label_path, label_path)
+    if cached is not None:
+        return cached
+    with _claimed(entry, wait=wait):
+        cached = _cached(entry, key, label_path, label_path)
         if cached is not None:
             return cached
+        return _prepare_label_map(label_path, settings, work_dir, prepare_fn, split_midline,
+                                  key, entry)
+
+
+def _prepare_label_map(
+    label_path: Path,
+    settings: PrepareSettings,
+    work_dir: Path,
+    prepare_fn: PrepareFn | None,
+    split_midline: bool,
+    key: str,
+    entry: Path,
+) -> PreparedTrainingImage:
+    from bids_cadiff.labels import split_left_codes_at_midline
+    from bids_cadiff.training.synth import BRAIN_VALUES, mean_t1_image
+
     logger.info("%s: preparing a label map (registration: %s)", label_path.name, settings.registration)
     lab_img = to_ras(nib.load(label_path))
     raw = np.asarray(lab_img.dataobj).astype(np.int32)

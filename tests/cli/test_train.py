@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 import tomllib
 from pathlib import Path
 
@@ -111,6 +112,37 @@ def test_train_resume_and_load(dataset, tmp_path: Path):
     again = TrainConfig.from_dict(saved)
     assert again.model.channels == (8, 16) and again.data.registration == "none"
     assert "\n4\tmean\t" in (tmp_path / "b/val_log.tsv").read_text()
+
+
+def test_time_limit_counts_the_preparation(dataset, tmp_path: Path, monkeypatch):
+    """--time-limit is the run's, as a SLURM job's wall time is: preparing the data (hours of
+    registration on a fresh work dir) is inside it, not added on top."""
+    import bids_cadiff.app.train as app_train
+    import bids_cadiff.training.loop as loop
+
+    prepare_items, train = app_train.prepare_items, loop.train
+    prepared_at: list[float] = []
+    clock_starts: list[float | None] = []
+
+    def slow_preparation(*args, **kwargs):
+        prepared_at.append(time.perf_counter())
+        time.sleep(1.5)  # longer than the limit below
+        return prepare_items(*args, **kwargs)
+
+    def watched_train(*args, **kwargs):
+        clock_starts.append(kwargs.get("clock_start"))
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(app_train, "prepare_items", slow_preparation)
+    monkeypatch.setattr(loop, "train", watched_train)
+    bids, labels, atlas = dataset
+    assert main([str(bids), str(labels), str(tmp_path / "o"), "--atlas", str(atlas), *TINY_ARGS,
+                 "--iterations", "4", "--time-limit", "1s"]) == 0
+    # the limit counts from before the preparation, so it was spent before the loop began:
+    # one iteration, then the checkpoint
+    assert clock_starts[0] is not None and clock_starts[0] <= prepared_at[0]
+    assert load_checkpoint(tmp_path / "o/model.pt").metadata.training["iteration"] == 1
+    assert (tmp_path / "o/checkpoints/iter-0000001.pt").is_file()
 
 
 def test_config_file_with_cli_override_and_2d(dataset, tmp_path: Path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +124,11 @@ def test_time_limit_stops_cleanly_and_resumes_exactly(tmp_path: Path):
     ckpt = latest_checkpoint(tmp_path / "b")
     assert ckpt is not None and ckpt.name == "iter-0000001.pt"
     assert load_checkpoint(tmp_path / "b/model.pt").metadata.training["iteration"] == 1
+    # counted from an earlier clock_start (the app's start): spent alike, a generous limit too
+    early = train(_model(), items, settings=_settings(4, time_limit=60.0), metadata=META,
+                  output_dir=tmp_path / "c", progress=False,
+                  clock_start=time.perf_counter() - 120.0)
+    assert early.stopped_early and early.iteration == 1
     # the limit is not a setting of the run: resuming without it continues the same schedule
     resumed = train(_model(), items, settings=_settings(4), metadata=META,
                     output_dir=tmp_path / "b", resume=ckpt, progress=False)

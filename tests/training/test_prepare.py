@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nibabel as nib
@@ -13,8 +16,10 @@ from bids_cadiff.labels import ASEG_MERGE, SYNTHSEG32
 from bids_cadiff.registration.atlas import resolve_atlas
 from bids_cadiff.training import prepare
 from bids_cadiff.training.prepare import (
+    EntryBusy,
     PrepareSettings,
     labels_to_index,
+    prepare_in_turn,
     prepare_label_map,
     prepare_training_image,
     split_by_hemisphere,
@@ -115,3 +120,44 @@ def test_label_maps_without_images(tmp_path: Path, monkeypatch):
     again = prepare_label_map(path, settings=settings, work_dir=tmp_path / "w", split_midline=True)
     assert not calls and not again.real
     np.testing.assert_array_equal(again.label_values, split.label_values)
+
+
+def test_runs_sharing_a_work_dir_share_out_the_preparing(tmp_path: Path):
+    """An entry another process is preparing is put off: the rest is prepared meanwhile, then
+    the run waits for that process's lock and reads (or, as here, makes) the entry."""
+    bids, labels, atlas = make_labelled_dataset(tmp_path, ("01", "02"))
+    settings, work = _settings(atlas), tmp_path / "w"
+    pairs = [(bids / f"sub-{s}/anat/sub-{s}_T1w.nii.gz",
+              labels / f"sub-{s}/anat/sub-{s}_desc-manual_dseg.nii.gz") for s in ("01", "02")]
+    first = work / "prepared" / f"{prepare.cache_key(*pairs[0], settings)}.npz"
+    first.parent.mkdir(parents=True)
+    order: list[tuple[str, bool]] = []
+
+    def prepare_one(pair: tuple[Path, Path], wait: bool) -> prepare.PreparedTrainingImage:
+        order.append((pair[0].name, wait))
+        return prepare_training_image(*pair, settings=settings, work_dir=work, wait=wait)
+
+    with open(first.with_suffix(".lock"), "a") as other:  # another process is on sub-01
+        fcntl.flock(other, fcntl.LOCK_EX)
+        with pytest.raises(EntryBusy):
+            prepare_one(pairs[0], False)
+        assert not first.exists()
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(prepare_in_turn, pairs, prepare_one, desc="preparing",
+                                 unit="image", progress=False)
+            deadline = time.monotonic() + 60
+            while not list(first.parent.glob("*.npz")) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.3)
+            # sub-02 is prepared while sub-01 is put off, and the run waits for sub-01's lock
+            assert len(list(first.parent.glob("*.npz"))) == 1 and not first.exists()
+            assert not future.done()
+            fcntl.flock(other, fcntl.LOCK_UN)
+            result = future.result(timeout=60)
+    assert [item.t1w_path for item in result] == [t1w for t1w, _ in pairs]  # in task order
+    assert first.is_file() and result[0].key == first.stem
+    assert order[1:] == [("sub-01_T1w.nii.gz", False), ("sub-02_T1w.nii.gz", False),
+                         ("sub-01_T1w.nii.gz", True)]
+    # alone, nothing is put off and every entry comes from the cache
+    again = prepare_in_turn(pairs, prepare_one, desc="preparing", unit="image", progress=False)
+    assert [item.key for item in again] == [item.key for item in result]
