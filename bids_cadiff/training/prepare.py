@@ -41,11 +41,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
-from tqdm import tqdm
-
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+from tqdm import tqdm
 
 from bids_cadiff.imaging.preprocess import (
     n4_bias_correct,
@@ -280,6 +279,27 @@ def _cached(
     return _load_npz(entry, key, t1w_path, label_path) if entry.is_file() else None
 
 
+def _cached_or_made(
+    entry: Path,
+    key: str,
+    t1w_path: Path,
+    label_path: Path | None,
+    *,
+    wait: bool,
+    make: Callable[[], PreparedTrainingImage],
+) -> PreparedTrainingImage:
+    """Cache ``entry``, or ``make()`` (which writes it) under the entry's lock; see
+    :func:`_claimed` for ``wait``."""
+    cached = _cached(entry, key, t1w_path, label_path)
+    if cached is None:
+        with _claimed(entry, wait=wait):
+            cached = _cached(entry, key, t1w_path, label_path)  # made by another, while we waited
+            if cached is None:
+                return make()
+    logger.debug("%s: prepared arrays from cache %s", t1w_path.name, key[:12])
+    return cached
+
+
 _Task = TypeVar("_Task")
 
 
@@ -405,16 +425,11 @@ def prepare_training_image(
     mask_path = Path(mask_path) if mask_path is not None else None
     key = cache_key(t1w_path, label_path, settings, mask_path=mask_path)
     entry = work_dir / "prepared" / f"{key}.npz"
-    cached = _cached(entry, key, t1w_path, label_path)
-    if cached is not None:
-        logger.debug("%s: prepared arrays from cache %s", t1w_path.name, key[:12])
-        return cached
-    with _claimed(entry, wait=wait):
-        cached = _cached(entry, key, t1w_path, label_path)  # another process's, while we waited
-        if cached is not None:
-            return cached
-        return _prepare_training_image(t1w_path, label_path, settings, work_dir, prepare_fn,
-                                       mask_path, key, entry)
+    return _cached_or_made(
+        entry, key, t1w_path, label_path, wait=wait,
+        make=lambda: _prepare_training_image(t1w_path, label_path, settings, work_dir,
+                                             prepare_fn, mask_path, key, entry),
+    )
 
 
 def _prepare_training_image(
@@ -503,15 +518,11 @@ def prepare_label_map(
     label_path, work_dir = Path(label_path), Path(work_dir)
     key = cache_key(None, label_path, settings, kind=f"label-map split={split_midline}")
     entry = work_dir / "prepared" / f"{key}.npz"
-    cached = _cached(entry, key, label_path, label_path)
-    if cached is not None:
-        return cached
-    with _claimed(entry, wait=wait):
-        cached = _cached(entry, key, label_path, label_path)
-        if cached is not None:
-            return cached
-        return _prepare_label_map(label_path, settings, work_dir, prepare_fn, split_midline,
-                                  key, entry)
+    return _cached_or_made(
+        entry, key, label_path, label_path, wait=wait,
+        make=lambda: _prepare_label_map(label_path, settings, work_dir, prepare_fn,
+                                        split_midline, key, entry),
+    )
 
 
 def _prepare_label_map(
