@@ -8,7 +8,10 @@ and :class:`GridPosterior` keeps what the outputs need:
 * the sum of every class's probability over the image (the structures' soft volumes);
 * optionally the probabilities themselves, quantised to 1/255 (``--save-probabilities``).
 
-Voxels that no block covers (outside the model's grid) are background with probability 1.
+Voxels that no block covers are background with probability 1: those outside the model's
+grid, and those whose trilinear neighbourhood on it gives no structure more than
+:data:`~bids_cadiff.inference.resample.BACKGROUND_EPS` (about 40 % of a head's voxels, whose
+resampling is skipped).
 """
 
 from __future__ import annotations
