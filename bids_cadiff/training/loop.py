@@ -605,6 +605,8 @@ def train(
     from bids_cadiff.errors import CheckpointError
 
     started = time.perf_counter()
+    if clock_start is None:
+        clock_start = started
     ctx = ctx or DistributedContext()
     output_dir = Path(output_dir)
     device = ctx.device
@@ -744,8 +746,7 @@ def train(
                     if writer is not None:
                         writer.add_scalar("val/dice", val_dice, done)
                 barrier(ctx)
-            out_of_time = _out_of_time(started if clock_start is None else clock_start,
-                                       settings.time_limit, ctx, bool(received))
+            out_of_time = _out_of_time(clock_start, settings.time_limit, ctx, bool(received))
             if done % settings.checkpoint_every == 0 or done == settings.iterations or out_of_time:
                 if main:
                     final = _save(
