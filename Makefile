@@ -87,12 +87,13 @@ default-model: work/shared_bids/labels/dataset_description.json
 
 # Cross-validation of the v2 folds (the model card's figures), once the three folds are trained:
 # each fold's model scores all seven subjects, skull on and off, with every refinement candidate
-# (fixed beforehand); per fold the candidate with the best mean Dice on the fold's other subjects
+# (fixed beforehand; the refiner rows come from the 1 mm refiner each fold model carries, from
+# the recipe's [refiner] table); per fold the candidate with the best mean Dice on the fold's other subjects
 # is kept for its test subjects (scripts/crossval_nested.py). The multi-atlas baseline votes the
 # fold's training subjects. Registrations are cached in work/evaluate; about 30 min per fold.
 CV2 := artifacts/crossval_v2
 CV_REFINE := em=1,em05=0.5
-CV_CANDIDATES := CA-Diff,CA-Diff + em,CA-Diff + em05
+CV_CANDIDATES := CA-Diff,CA-Diff + em,CA-Diff + em05,CA-Diff + refiner,CA-Diff + refiner + em
 EVAL := $(PY) scripts/evaluate_default_model.py --work work/evaluate
 TEST1 := sub-01,sub-02
 TEST2 := sub-03,sub-04

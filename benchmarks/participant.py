@@ -2,10 +2,10 @@
 """Time each stage of the participant level on one T1w, and the peak memory.
 
     python benchmarks/participant.py [T1W] [--model PATH] [--device cpu|cuda] [--steps 5]
-        [--refine em|none]
+        [--refine auto|refiner|refiner+em|em|none]
 
 Default T1w: ../shared/data/raw_t1/chris_t1.nii.gz (raw, skull on), else Colin27. Prints a
-table of seconds per stage of the app's path (``--refine``, default ``em`` as in the app), each
+table of seconds per stage of the app's path (``--refine``, default ``auto`` as in the app), each
 stage's share of the total, and the process's peak resident memory. Registration is not cached
 (a fresh temporary cache), so the figures are a first run's. The refinement is also compared
 with the plain argmax of the same probabilities, timed in the same run (the baseline), and that
@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--refine", choices=("em", "none"), default="em")
+    parser.add_argument("--refine", choices=("auto", "refiner", "refiner+em", "em", "none"),
+                        default="auto")
     args = parser.parse_args(argv)
 
     import numpy as np
@@ -44,11 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         labels_on_t1w_grid,
         load_model,
         prepare_for_model,
+        resolve_refinement,
         segment_prepared,
     )
     from bids_cadiff.bidsio import derivatives as deriv
     from bids_cadiff.inference.predict import resolve_device
-    from bids_cadiff.inference.refine import RefineSettings
     from bids_cadiff.inference.resample import posterior_on_grid
     from bids_cadiff.io.nifti import load_t1w
     from bids_cadiff.registration.atlas import atlas_distance_field, resolve_atlas
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     loaded = load_model(args.model)
     meta = loaded.metadata
+    refinement = resolve_refinement(args.refine, loaded)
     atlas = resolve_atlas(None)
     atlas_distance_field(atlas)
     stages["start-up (imports, model, atlas field)"] = time.perf_counter() - T0
@@ -87,11 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         dense_s = time.perf_counter() - start
         labels = plain
         refine_s = None
-        if args.refine == "em":
+        if refinement.kind != "none":
             start = time.perf_counter()
-            labels = labels_on_t1w_grid(t1, probs, crop_affine, prepared, RefineSettings())
+            labels = labels_on_t1w_grid(t1, probs, crop_affine, prepared, refinement.em,
+                                        refinement.refiner)
             refine_s = time.perf_counter() - start
-            stages["back to T1w grid + refinement"] = refine_s
+            stages[f"back to T1w grid + {refinement.kind}"] = refine_s
         else:
             stages["back to T1w grid (argmax)"] = plain_s
         labels = meta.labels.index_to_value(labels)
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{'identical' if (dense == plain).all() else 'DIFFERENT'}")
     if refine_s is not None:
         changed = float((plain != meta.labels.value_to_index(labels)).mean())
-        print(f"refinement: {refine_s:.1f} s against {plain_s:.1f} s for the plain argmax of the "
+        print(f"refinement ({refinement.kind}): {refine_s:.1f} s against {plain_s:.1f} s for the plain argmax of the "
               f"same probabilities in this run ({refine_s / plain_s:.2f}x; not in the total), "
               f"{changed:.1%} of the T1w's voxels relabelled")
     return 0

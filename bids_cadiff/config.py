@@ -19,15 +19,16 @@ from typing import Any, Literal, Mapping
 
 AnalysisLevel = Literal["participant", "group"]
 Device = Literal["auto", "cpu", "cuda"]
-Refinement = Literal["em", "none"]
+Refinement = Literal["auto", "refiner", "refiner+em", "em", "none"]
 
 ANALYSIS_LEVELS: tuple[str, ...] = ("participant", "group")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 #: Memory one image may need (peak resident; docs/performance.md measures 1.6 GiB for a
 #: 0.88 mm head): ``--mem`` allows one image at once per this many GB.
 GB_PER_IMAGE = 3.0
-#: ``--refine`` choices: intensity refinement on the T1w's own grid, or none.
-REFINEMENTS: tuple[str, ...] = ("em", "none")
+#: ``--refine`` choices: the model's 1 mm refiner and the EM intensity refinement on the T1w's
+#: own grid (``auto`` takes both when the model has a refiner, else EM), either alone, or none.
+REFINEMENTS: tuple[str, ...] = ("auto", "refiner", "refiner+em", "em", "none")
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,10 @@ class RunConfig:
         seed: random seed for sampling (recorded in every sidecar).
         refine: ``"em"``: the model's probabilities, resampled onto the T1w's own grid, are
             refined by the T1w's intensities (:mod:`bids_cadiff.inference.refine`);
-            ``"none"``: their plain argmax.
+            ``"refiner"``: the model's 1 mm refiner (:mod:`bids_cadiff.inference.refiner`)
+            corrects them first; ``"refiner+em"``: both, the refiner's probabilities as the
+            EM prior; ``"none"``: their plain argmax; ``"auto"``: ``"refiner+em"`` when the
+            model has a refiner, else ``"em"``.
         samples: CA-Diff samples per image (>= 1); with 2 or more the uncertainty map is the
             samples' disagreement and the QC table gives each volume's spread.
         save_probabilities: also write the class probabilities on the T1w's grid (4D probseg).
@@ -85,7 +89,7 @@ class RunConfig:
     device: Device = "auto"
     steps: int = 5
     seed: int = 0
-    refine: Refinement = "em"
+    refine: Refinement = "auto"
     samples: int = 1
     save_probabilities: bool = False
     reports: bool = True

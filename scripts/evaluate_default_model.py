@@ -49,6 +49,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated refinement candidates to score beside the plain "
                         "argmax, each NAME=PRIOR_WEIGHT (e.g. 'em=1,em0.5=0.5'): rows "
                         "'CA-Diff + NAME (skull on|off)'")
+    parser.add_argument("--refiner", type=Path, default=None,
+                        help="a 1 mm refiner (refiner.pt from cadiff-train; default: the "
+                        "model's own, if it has one) to score beside the plain argmax: rows "
+                        "'CA-Diff + refiner (skull on|off)', and with the refiner's "
+                        "probabilities as the EM refinement's prior: 'CA-Diff + refiner + em "
+                        "(skull on|off)'")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -61,7 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         prepare_for_model,
         segment_prepared,
     )
+    from bids_cadiff.app.participant import corrected_intensity
     from bids_cadiff.inference.refine import RefineSettings
+    from bids_cadiff.inference.refiner import refine_probabilities
+    from bids_cadiff.inference.resample import posterior_on_grid
+    from bids_cadiff.training.refiner_loop import load_refiner
     from bids_cadiff.evaluation.metrics import evaluate_pair
     from bids_cadiff.app.multiatlas import multiatlas_segment
     from bids_cadiff.evaluation.crossval import render
@@ -74,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     if not FSTD.is_dir():
         sys.exit(f"evaluate_default_model: {FSTD} is missing (the project's shared data)")
     loaded = load_model(args.model)
+    refiner = loaded.refiner if args.refiner is None else load_refiner(args.refiner)[0]
     prior_only = None
     refinements = {}
     for item in [i.strip() for i in args.refine.split(",") if i.strip()]:
@@ -140,6 +151,17 @@ def main(argv: list[str] | None = None) -> int:
             for name, settings in variants.items():
                 indices = labels_on_t1w_grid(t1, probs, crop_affine, prepared, settings)
                 score(name, subject, indices.astype(np.int64), ref_idx, zooms)
+            if refiner is not None and model is loaded:
+                intensity = corrected_intensity(t1, prepared)
+                fine, fine_affine = refine_probabilities(refiner, probs, crop_affine, intensity,
+                                                         t1.affine)
+                kind = method[method.index("(") :]
+                for name, settings in {"refiner": None, "refiner + em": RefineSettings()}.items():
+                    indices = posterior_on_grid(
+                        fine, fine_affine, tuple(t1.shape[:3]), t1.affine,
+                        intensity=intensity if settings else None, settings=settings).labels
+                    score(f"CA-Diff + {name} {kind}", subject, indices.astype(np.int64),
+                          ref_idx, zooms)
         if not args.no_multiatlas:
             channels, _ = multiatlas_segment(
                 FSTD / subject / ("T1.mgz" if has_head else "brainmask.mgz"), atlases,

@@ -49,6 +49,7 @@ from bids_cadiff.imaging.preprocess import (
 from bids_cadiff.inference.checkpoint import LoadedModel, ModelMetadata, load_checkpoint
 from bids_cadiff.inference.predict import brain_box, predict_volume, resolve_device
 from bids_cadiff.inference.refine import RefineSettings
+from bids_cadiff.inference.refiner import refine_probabilities
 from bids_cadiff.inference.posterior import PROBABILITY_SCALE, GridPosterior
 from bids_cadiff.inference.resample import field_to_grid, posterior_on_grid
 from bids_cadiff.io.atomic import remove_stale_temporaries
@@ -56,6 +57,7 @@ from bids_cadiff.io.faults import kill_point
 from bids_cadiff.io.locks import exclusive_lock, holder
 from bids_cadiff.io.nifti import load_t1w
 from bids_cadiff.labels import LabelTable
+from bids_cadiff.models.refiner import Refiner
 from bids_cadiff.qc.coverage import face_cuts
 from bids_cadiff.qc.flags import QCReference, load_reference, qc_flags
 from bids_cadiff.qc.structures import QC_COLUMNS, structure_rows
@@ -209,14 +211,23 @@ def posterior_on_t1w_grid(
     *,
     keep_probabilities: bool = False,
     temperature: float = 1.0,
+    refiner: Refiner | None = None,
+    device: torch.device | str = "cpu",
 ) -> GridPosterior:
     """The final class probabilities on the T1w's own grid (summarised): the model's
     probabilities resampled trilinearly, or (``refine`` given) the intensity-refined posterior
     (:mod:`bids_cadiff.inference.refine`) on the T1w's voxels, with ``intensity`` from
-    :func:`corrected_intensity`, at the model's calibration ``temperature``."""
+    :func:`corrected_intensity`, at the model's calibration ``temperature``. With a
+    ``refiner`` (run on ``device``), its 1 mm probabilities
+    (:func:`~bids_cadiff.inference.refiner.refine_probabilities`) take the place of the
+    model's."""
     shape = tuple(int(n) for n in t1.shape[:3])
-    if refine is not None and intensity is None:
+    if (refine is not None or refiner is not None) and intensity is None:
         raise ValueError("the refinement needs the bias-corrected intensities")
+    if refiner is not None:
+        assert intensity is not None
+        probs, crop_affine = refine_probabilities(refiner, probs, crop_affine, intensity,
+                                                  t1.affine, device=device)
     return posterior_on_grid(
         probs, crop_affine, shape, t1.affine, intensity=intensity, settings=refine,
         keep_probabilities=keep_probabilities, temperature=temperature,
@@ -229,11 +240,14 @@ def labels_on_t1w_grid(
     crop_affine: np.ndarray,
     prepared: PreparedImage,
     refine: RefineSettings | None,
+    refiner: Refiner | None = None,
 ) -> np.ndarray:
     """Channel indices ``(X, Y, Z)`` on the T1w's own grid: the argmax of
     :func:`posterior_on_t1w_grid`."""
-    intensity = corrected_intensity(t1, prepared) if refine is not None else None
-    return posterior_on_t1w_grid(t1, probs, crop_affine, refine, intensity).labels
+    needed = refine is not None or refiner is not None
+    intensity = corrected_intensity(t1, prepared) if needed else None
+    return posterior_on_t1w_grid(t1, probs, crop_affine, refine, intensity,
+                                 refiner=refiner).labels
 
 
 def segment_prepared(
@@ -307,10 +321,11 @@ def segment_t1w(
     samples: int = 1,
     keep_probabilities: bool = False,
     orientation_check: bool = False,
+    refiner: Refiner | None = None,
 ) -> Segmentation:
-    """Segment one T1w (``refine``: the intensity refinement's settings, ``None`` for the
-    plain argmax; ``orientation_check``: also check the header's orientation,
-    :func:`orientation_of`).
+    """Segment one T1w (``refine``: the intensity refinement's settings, ``None`` for none;
+    ``refiner``: the model's 1 mm refiner, ``None`` for none; neither: the plain argmax;
+    ``orientation_check``: also check the header's orientation, :func:`orientation_of`).
 
     With ``samples`` = N ≥ 2, CA-Diff is sampled N times (seeds ``seed`` … ``seed + N − 1``);
     the final labels come from the mean of the N model probabilities, and each sample's own
@@ -339,14 +354,13 @@ def segment_t1w(
         draws.append(probs)
     timings["inference"] = time.perf_counter() - start
     start = time.perf_counter()
-    intensity = corrected_intensity(t1, prepared) if refine is not None else None
+    refined = refine is not None or refiner is not None
+    intensity = corrected_intensity(t1, prepared) if refined else None
     mean = draws[0] if samples == 1 else torch.stack(draws).mean(dim=0)
     final = posterior_on_t1w_grid(t1, mean, crop_affine, refine, intensity,
                                   keep_probabilities=keep_probabilities,
-                                  temperature=meta.temperature)
-    timings["refinement" if refine is not None else "to_native_grid"] = (
-        time.perf_counter() - start
-    )
+                                  temperature=meta.temperature, refiner=refiner, device=device)
+    timings["refinement" if refined else "to_native_grid"] = time.perf_counter() - start
     voxel_mm3 = float(np.prod(t1.header.get_zooms()[:3]))
     sample_volumes: list[dict[int, float]] = []
     if samples == 1:
@@ -355,7 +369,8 @@ def segment_t1w(
         start = time.perf_counter()
         disagree = np.zeros(final.labels.shape, dtype=np.uint16)
         for probs in draws:
-            own = posterior_on_t1w_grid(t1, probs, crop_affine, refine, intensity).labels
+            own = posterior_on_t1w_grid(t1, probs, crop_affine, refine, intensity,
+                                        refiner=refiner, device=device).labels
             disagree += own != final.labels
             counts = np.bincount(own.ravel(), minlength=table.num_classes)
             sample_volumes.append({e.value: float(c) * voxel_mm3
@@ -442,15 +457,17 @@ def _segment_and_write(
     entities = record.entities
     out = config.output_dir
     t1 = load_t1w(record.path)
-    refine = RefineSettings() if config.refine == "em" else None
+    refinement = resolve_refinement(config.refine, loaded)
     result = segment_t1w(
         t1, loaded, atlas=atlas, steps=config.steps, seed=config.seed, device=device,
         cache_dir=config.work_dir / "registration", image_path=record.path,
-        progress=log.isEnabledFor(logging.INFO), refine=refine, samples=config.samples,
+        progress=log.isEnabledFor(logging.INFO), refine=refinement.em, samples=config.samples,
         keep_probabilities=config.save_probabilities, orientation_check=config.orientation_check,
+        refiner=refinement.refiner,
     )
     try:
-        return _write_outputs(record, config, loaded, atlas, device, t1, refine, result, start)
+        return _write_outputs(record, config, loaded, atlas, device, t1, refinement, result,
+                              start)
     except OSError as exc:
         # no output of this image may look finished, or half there: remove them all
         for path in deriv.image_output_paths(out, entities):
@@ -477,7 +494,7 @@ def _write_outputs(
     atlas: AtlasSpec,
     device: torch.device,
     t1: nib.Nifti1Image,
-    refine: RefineSettings | None,
+    refinement: "Refinement",
     result: Segmentation,
     start: float,
 ) -> dict[str, float]:
@@ -569,7 +586,7 @@ def _write_outputs(
         extra={
             "ModelVoxelSizeMM": list(loaded.metadata.voxel_size),
             "LabelPrior": _label_prior_description(loaded),
-            "Refinement": _refinement_description(refine),
+            "Refinement": _refinement_description(refinement),
             "Uncertainty": {
                 "Samples": result.samples,
                 "Measure": measure,
@@ -612,7 +629,41 @@ def qc_reference(table: LabelTable) -> QCReference | None:
     return reference
 
 
-def _warn_if_other_refinement(config: RunConfig, record: T1wRecord) -> None:
+@dataclass(frozen=True)
+class Refinement:
+    """How the final posterior is made from the model's probabilities (``--refine``).
+
+    Attributes:
+        kind: ``"refiner"``, ``"refiner+em"``, ``"em"`` or ``"none"`` (``auto`` resolved).
+        em: the EM intensity refinement's settings, or ``None``.
+        refiner: the model's 1 mm refiner, or ``None``.
+    """
+
+    kind: str
+    em: RefineSettings | None
+    refiner: Refiner | None
+
+
+def resolve_refinement(choice: str, loaded: LoadedModel) -> Refinement:
+    """``--refine`` for this model: ``auto`` is ``refiner+em`` when the model has a refiner,
+    else ``em`` (on fold 1's validation subject the two score alike, and the refiner alone
+    below both: artifacts/default_model_v2/README.md).
+
+    Raises:
+        UsageError: a refiner is asked for and the model has none.
+    """
+    kind = choice if choice != "auto" else ("refiner+em" if loaded.refiner is not None else "em")
+    uses_refiner = kind.startswith("refiner")
+    if uses_refiner and loaded.refiner is None:
+        raise UsageError(
+            f"--refine {kind}: the model {loaded.path} has no 1 mm refiner; use --refine em, or "
+            "a model trained with a [refiner] table in its cadiff-train recipe"
+        )
+    em = RefineSettings() if kind in ("em", "refiner+em") else None
+    return Refinement(kind=kind, em=em, refiner=loaded.refiner if uses_refiner else None)
+
+
+def _warn_if_other_refinement(config: RunConfig, record: T1wRecord, wanted: str) -> None:
     """A finished output made with another ``--refine`` is kept, but said so: one
     derivatives folder would otherwise mix refined and unrefined label maps unnoticed."""
     path = deriv.dseg_sidecar_path(config.output_dir, record.entities)
@@ -620,25 +671,42 @@ def _warn_if_other_refinement(config: RunConfig, record: T1wRecord) -> None:
         made = json.loads(path.read_text()).get("Refinement")
     except (OSError, ValueError):
         return
-    if (made is not None) != (config.refine == "em"):
+    kind = "none" if made is None else str(made.get("Kind", "em"))
+    if kind != wanted:
         log.warning(
             "%s: the finished output was made with --refine %s, this run asks for --refine "
-            "%s; pass --overwrite to redo it", record.relpath, "em" if made else "none",
-            config.refine,
+            "%s; pass --overwrite to redo it", record.relpath, kind, wanted,
         )
 
 
-def _refinement_description(refine: RefineSettings | None) -> dict[str, object] | None:
-    """The sidecar's account of the intensity refinement (None: plain argmax)."""
-    if refine is None:
+_EM_FIT = (
+    "the spatial prior of an EM fit of one Gaussian intensity model per structure (a mixture "
+    "for the background) to the N4-corrected T1w; labels are the posterior's argmax "
+    "(bids_cadiff.inference.refine)"
+)
+_REFINER_DESCRIPTION = (
+    "the model's probabilities, upsampled to the refiner's grid, and the N4-corrected T1w "
+    "resampled there, go through the model's refiner network (bids_cadiff.models.refiner), "
+    "whose probabilities are resampled trilinearly onto the T1w's own grid"
+)
+
+
+def _refinement_description(refinement: Refinement) -> dict[str, object] | None:
+    """The sidecar's account of the refinement (None: plain argmax)."""
+    if refinement.kind == "none":
         return None
-    return {
-        "Description": "the model's probabilities, trilinearly resampled onto the T1w's own "
-        "grid, are the spatial prior of an EM fit of one Gaussian intensity model per "
-        "structure (a mixture for the background) to the N4-corrected T1w; labels are the "
-        "posterior's argmax (bids_cadiff.inference.refine)",
-        "Settings": refine.as_dict(),
-    }
+    out: dict[str, object] = {"Kind": refinement.kind}
+    if refinement.refiner is None:
+        out["Description"] = ("the model's probabilities, trilinearly resampled onto the T1w's "
+                              "own grid, are " + _EM_FIT)
+    else:
+        config = refinement.refiner.config
+        out["Refiner"] = {"VoxelSizeMM": config.voxel_size, "Channels": list(config.channels)}
+        out["Description"] = _REFINER_DESCRIPTION + (
+            "; they are " + _EM_FIT if refinement.em is not None else "; labels are their argmax")
+    if refinement.em is not None:
+        out["Settings"] = refinement.em.as_dict()
+    return out
 
 
 def _label_prior_description(loaded: LoadedModel) -> dict[str, object] | None:
@@ -772,6 +840,7 @@ def run_participant(config: RunConfig) -> int:
         ignore_dirs=[config.output_dir, config.work_dir],
     )
     loaded = load_model(config.model)
+    refinement = resolve_refinement(config.refine, loaded)  # a refiner the model lacks: stop now
     atlas = resolve_atlas(config.atlas)
     trained_with = loaded.metadata.atlas.get("name")
     if trained_with and trained_with != atlas.name:
@@ -800,7 +869,7 @@ def run_participant(config: RunConfig) -> int:
     for record in records:
         if not config.overwrite and _is_finished(config.output_dir, record.entities):
             log.info("%s: already done, skipped (--overwrite recomputes)", record.relpath)
-            _warn_if_other_refinement(config, record)
+            _warn_if_other_refinement(config, record, refinement.kind)
         else:
             todo.append(record)
     workers = min(parallel_images(config, device), len(todo))

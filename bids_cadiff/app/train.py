@@ -1,6 +1,6 @@
 """Training orchestration: BIDS T1w + labelled derivatives → prepared arrays → a CA-Diff checkpoint.
 
-A recipe (:class:`TrainConfig`) has four TOML tables, each optional in a file::
+A recipe (:class:`TrainConfig`) has these TOML tables, each optional in a file::
 
     name = "cadiff-3d"
     [data]       labels, labels_desc, atlas, registration, voxel_size, normalization, ...
@@ -10,6 +10,9 @@ A recipe (:class:`TrainConfig`) has four TOML tables, each optional in a file::
     [sampling]   SamplingSettings fields (mode "patches", the paper's, or "mixed": real and
                  synthesised images, class balance, registration jitter; see
                  :mod:`bids_cadiff.training.sampler`)
+    [refiner]    optional: a 1 mm refiner trained after CA-Diff on the same training subjects
+                 and label maps, stored in the final checkpoint
+                 (:mod:`bids_cadiff.app.train_refiner`)
 
 ``data.synth_label_maps`` adds label maps without images (SynthSeg's training maps, for
 example): each is registered to the atlas once, and with ``sampling.mode = "mixed"`` training
@@ -41,6 +44,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from bids_cadiff import __version__
+from bids_cadiff.app.train_refiner import RefinerRecipe, run_refiner_stage
 from bids_cadiff.bidsio.derivatives import read_label_table_tsv
 from bids_cadiff.config import dumps_toml
 from bids_cadiff.errors import InputError, UsageError
@@ -145,6 +149,7 @@ class TrainConfig:
     training: LoopSettings
     name: str = "cadiff"
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    refiner: RefinerRecipe | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """TOML-able form (``None`` dropped, paths as strings, tuples as lists)."""
@@ -161,7 +166,7 @@ class TrainConfig:
         data = {f.name: plain(getattr(self.data, f.name)) for f in dataclasses.fields(self.data)}
         model = self.model.to_dict()
         model.pop("num_classes")
-        return {
+        out = {
             "name": self.name,
             "data": {k: v for k, v in data.items() if v is not None},
             "model": plain(model),
@@ -169,6 +174,9 @@ class TrainConfig:
             "training": {k: v for k, v in plain(self.training.to_dict()).items() if v is not None},
             "sampling": self.sampling.to_dict(),
         }
+        if self.refiner is not None:
+            out["refiner"] = self.refiner.to_dict()
+        return out
 
     def to_toml(self) -> str:
         return dumps_toml(self.to_dict())
@@ -180,12 +188,14 @@ class TrainConfig:
         ``training.patch_size`` and ``training.batch_size`` default to the paper's values for
         ``model.spatial_dims``; ``training.spatial_dims`` always follows the model.
         """
-        unknown = set(recipe) - {"name", "data", "model", "diffusion", "training", "sampling"}
+        unknown = set(recipe) - {"name", "data", "model", "diffusion", "training", "sampling",
+                                 "refiner"}
         if unknown:
             raise UsageError(
                 f"unknown recipe tables/keys {sorted(unknown)}; use name, [data], [model], "
-                "[diffusion], [training] and [sampling]"
+                "[diffusion], [training], [sampling] and [refiner]"
             )
+        refiner = RefinerRecipe.from_dict(recipe["refiner"]) if "refiner" in recipe else None
         data = dict(recipe.get("data") or {})
         _check_keys("data", data, DataSettings)
         for key in ("bids_dir", "labels_dir", "output_dir", "work_dir", "atlas", "synth_label_maps"):
@@ -222,6 +232,7 @@ class TrainConfig:
                 training=LoopSettings(**training),
                 name=str(recipe.get("name", "cadiff")),
                 sampling=SamplingSettings(**sampling),
+                refiner=refiner,
             )
         except (TypeError, ValueError) as exc:
             raise UsageError(f"invalid training recipe: {exc}") from None
@@ -673,11 +684,24 @@ def run_training(
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
             },
         )
-        return train(
+        result = train(
             model, train_items, settings=config.training, metadata=metadata,
             output_dir=output_dir, ctx=ctx, val_items=val_items, resume=resume, progress=progress,
             sampling=config.sampling, clock_start=clock_start,
         )
+        if config.refiner is not None and not result.stopped_early and ctx.is_main:
+            assert result.checkpoint is not None
+            limit = config.training.time_limit
+            stored = run_refiner_stage(
+                config.refiner, model_voxel_size=data.voxel_size, table=table, merge=merge,
+                pairs=[p for p in pairs if p.subject in train_subjects], label_maps=maps,
+                split_midline_maps=data.split_midline_maps,
+                csf_to_background=data.synthetic_csf_to_background, output_dir=output_dir,
+                checkpoint=result.checkpoint, progress=progress,
+                time_left=(limit - (time.perf_counter() - clock_start)) if limit else None,
+            )
+            result = dataclasses.replace(result, stopped_early=not stored)
+        return result
     finally:
         if own_context:
             shutdown_distributed(ctx)

@@ -304,10 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--refine",
         choices=REFINEMENTS,
-        default="em",
-        help="em (default): refine the model's probabilities on the T1w's own grid with its "
-        "intensities (per-structure Gaussian intensity models fitted by EM, the model's "
-        "probabilities as the spatial prior); none: their plain argmax",
+        default="auto",
+        help="auto (default): 'refiner+em' when the model has a 1 mm refiner, else 'em'. "
+        "refiner: the model's probabilities, upsampled to 1 mm, "
+        "are corrected by its refiner network with the 1 mm image, then resampled onto the "
+        "T1w's own grid; em: the model's probabilities, on the T1w's own grid, are refined "
+        "with its intensities (per-structure Gaussian intensity models fitted by EM, the "
+        "probabilities as the spatial prior); refiner+em: the refiner's probabilities as the "
+        "EM's prior; none: the model's plain argmax",
     )
     model.add_argument(
         "--samples",

@@ -20,6 +20,9 @@ A checkpoint is a ``torch.save`` of a dict of plain values and tensors, read bac
 ``name``, ``package_version``   model name and the bids_cadiff version that wrote it
 ``dtype``              ``"float32"`` or ``"float16"`` (compact storage; loaded as float32)
 ``state_dict``         the network weights
+``refiner``            optional: the 1 mm refiner (:mod:`bids_cadiff.models.refiner`), its
+                       ``config``, ``simulation``, ``training`` and ``subjects``;
+                       ``refiner_state_dict`` its weights (:func:`store_refiner`)
 ``sha256``             content hash over everything above (weights included)
 =====================  ====================================================================
 """
@@ -41,6 +44,7 @@ from bids_cadiff.io.atomic import atomic_path
 from bids_cadiff.labels import LabelTable
 from bids_cadiff.models.config import DiffusionConfig, ModelConfig
 from bids_cadiff.models.diffusion import CADiff
+from bids_cadiff.models.refiner import Refiner, RefinerConfig
 
 FORMAT = "bids_cadiff-checkpoint"
 FORMAT_VERSION = 1
@@ -140,19 +144,26 @@ class LoadedModel:
     model: CADiff
     metadata: ModelMetadata
     path: Path
+    refiner: Refiner | None = None
 
 
 def _content_hash(payload: Mapping[str, Any]) -> str:
-    """sha256 over the canonical JSON of the metadata and the bytes of every tensor."""
+    """sha256 over the canonical JSON of the metadata and the bytes of every tensor (the
+    refiner's after the network's, only when there is one: older files keep their hashes)."""
     digest = hashlib.sha256()
-    meta = {k: v for k, v in payload.items() if k not in ("state_dict", "sha256")}
+    tensors = ("state_dict", "refiner_state_dict")
+    meta = {k: v for k, v in payload.items() if k not in (*tensors, "sha256")}
     digest.update(json.dumps(meta, sort_keys=True, default=str).encode())
-    for key in sorted(payload["state_dict"]):
-        tensor = payload["state_dict"][key].detach().cpu().contiguous()
-        digest.update(key.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(str(tensor.dtype).encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    for name in tensors:
+        if name not in payload:
+            continue
+        prefix = "" if name == "state_dict" else "refiner/"
+        for key in sorted(payload[name]):
+            tensor = payload[name][key].detach().cpu().contiguous()
+            digest.update((prefix + key).encode())
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(str(tensor.dtype).encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
 
 
@@ -289,6 +300,7 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
             path, f"weights do not match the network its config describes: {exc}"
         ) from exc
     model.eval()
+    refiner = _load_refiner(path, payload, labels) if "refiner" in payload else None
     metadata = ModelMetadata(
         name=str(payload["name"]),
         labels=labels,
@@ -302,7 +314,55 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
         package_version=str(payload["package_version"]),
         sha256=str(payload["sha256"]),
     )
-    return LoadedModel(model=model, metadata=metadata, path=path)
+    return LoadedModel(model=model, metadata=metadata, path=path, refiner=refiner)
+
+
+def _load_refiner(path: Path, payload: Mapping[str, Any], labels: LabelTable) -> Refiner:
+    """The refiner a checkpoint holds (:func:`store_refiner`), eval mode."""
+    try:
+        config = RefinerConfig.from_dict(payload["refiner"]["config"])
+        refiner = Refiner(config)
+        refiner.load_state_dict({k: v.float() for k, v in payload["refiner_state_dict"].items()})
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(path, f"has an unusable refiner: {exc}") from exc
+    if config.num_classes != labels.num_classes:
+        raise CheckpointError(
+            path, f"its refiner has {config.num_classes} classes, the model {labels.num_classes}"
+        )
+    return refiner.eval()
+
+
+def store_refiner(
+    source: str | Path, destination: str | Path, refiner: Refiner, about: Mapping[str, Any]
+) -> str:
+    """Copy a checkpoint with a 1 mm refiner added (or replaced); the model's weights and
+    metadata are unchanged, the content hash is recomputed. Returns the new hash.
+
+    Args:
+        source, destination: checkpoint files (may be the same).
+        refiner: the trained refiner.
+        about: its provenance (``simulation``, ``training``, ``subjects``, ``iteration``, ...;
+            plain values).
+
+    Raises:
+        CheckpointError: ``source`` is not a valid checkpoint.
+        ValueError: the refiner's classes are not the model's.
+    """
+    payload = read_checkpoint(source)
+    if refiner.config.num_classes != len(payload["labels"]):
+        raise ValueError(
+            f"the refiner has {refiner.config.num_classes} classes, the model "
+            f"{len(payload['labels'])}"
+        )
+    info = json.loads(json.dumps({k: v for k, v in about.items() if k != "config"}, default=str))
+    payload["refiner"] = {**info, "config": refiner.config.to_dict()}
+    payload["refiner_state_dict"] = {
+        k: v.detach().cpu().float().clone() for k, v in refiner.state_dict().items()
+    }
+    payload["sha256"] = _content_hash(payload)
+    with atomic_path(Path(destination)) as tmp:
+        torch.save(payload, tmp)
+    return str(payload["sha256"])
 
 
 def store_calibration(

@@ -288,18 +288,24 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def schedule_factor(step: int, *, total: int, warmup: int, kind: str) -> float:
+    """The learning rate's factor at ``step`` (0-based): linear warm-up over ``warmup`` steps,
+    then ``kind`` (:data:`LR_SCHEDULES`) over the rest of ``total``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return (1.0 - progress) ** 0.9
+
+
 def _lr_lambda(settings: LoopSettings):  # noqa: ANN202 - returns a callable for LambdaLR
     total, warmup, kind = settings.iterations, settings.warmup, settings.lr_schedule
 
     def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if kind == "constant":
-            return 1.0
-        progress = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
-        if kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return (1.0 - progress) ** 0.9
+        return schedule_factor(step, total=total, warmup=warmup, kind=kind)
 
     return factor
 

@@ -56,7 +56,8 @@ def test_participant_outputs_resume_and_failures(dataset, tiny_model, tmp_path, 
         assert sidecar["Model"]["Name"] == "tiny" and len(sidecar["Model"]["SHA256"]) == 64
         assert sidecar["SamplingSteps"] == 2 and sidecar["RandomSeed"] == 0
         assert sidecar["LabelPrior"] is None  # the tiny model carries none
-        assert sidecar["Refinement"]["Settings"]["iterations"] == 5  # --refine em, the default
+        assert sidecar["Refinement"]["Settings"]["iterations"] == 5  # --refine auto: em here
+        assert sidecar["Refinement"]["Kind"] == "em"
         assert "refinement" in sidecar["StageSeconds"]
         assert sidecar["Registration"]["Value"] > 0.25
         assert (out / rel.replace("_dseg.nii.gz", "_volumes.tsv")).is_file()
@@ -312,3 +313,42 @@ def test_slices_are_taken_along_the_checkpoints_axis(phantom_app_inputs, monkeyp
                                          np.eye(4), None)  # type: ignore[arg-type]
     participant.segment_prepared(loaded, prepared, steps=1, seed=0, device=torch.device("cpu"))
     assert seen["slice_axis"] == 1
+
+
+@pytest.mark.slow
+def test_a_model_with_a_refiner_uses_it_by_default(dataset, tiny_model, tmp_path):
+    """``--refine auto`` takes the model's 1 mm refiner (then EM) and says so in the sidecar (that an
+    untrained refiner keeps the coarse labels is tests/inference/test_refiner.py's: this
+    untrained tiny model's probabilities are too flat for the comparison); asking a model
+    without one for ``--refine refiner`` stops before any image."""
+    import torch
+
+    from bids_cadiff.inference.checkpoint import store_refiner
+    from bids_cadiff.models.refiner import Refiner, RefinerConfig
+
+    torch.manual_seed(0)
+    refined_model = tmp_path / "tiny-refiner.pt"
+    store_refiner(tiny_model, refined_model,
+                  Refiner(RefinerConfig(num_classes=4, channels=(4, 8, 8), squeeze=2, voxel_size=2.0)),
+                  {"subjects": ["phantom"]})
+    out = tmp_path / "out"
+    assert _run(dataset, refined_model, out, "--participant-label", "01", "--no-reports") == 0
+    anat = out / "sub-01" / "anat"
+    sidecar = json.loads((anat / "sub-01_desc-cadiff_dseg.json").read_text())
+    assert sidecar["Refinement"]["Kind"] == "refiner+em"
+    assert sidecar["Refinement"]["Refiner"] == {"VoxelSizeMM": 2.0, "Channels": [4, 8, 8]}
+    assert sidecar["Refinement"]["Settings"]["iterations"] == 5
+    assert "refinement" in sidecar["StageSeconds"]
+    refined = nib.load(anat / "sub-01_desc-cadiff_dseg.nii.gz")
+    t1 = nib.load(dataset[0] / "sub-01" / "anat" / "sub-01_T1w.nii.gz")
+    assert refined.shape == t1.shape and np.allclose(refined.affine, t1.affine, atol=1e-5)
+    assert set(np.unique(np.asarray(refined.dataobj)).tolist()) <= set(TABLE.values)
+
+    alone = tmp_path / "alone"
+    assert _run(dataset, refined_model, alone, "--participant-label", "01", "--no-reports",
+                "--refine", "refiner") == 0
+    sidecar = json.loads((alone / "sub-01/anat/sub-01_desc-cadiff_dseg.json").read_text())
+    assert sidecar["Refinement"]["Kind"] == "refiner" and "Settings" not in sidecar["Refinement"]
+
+    assert _run(dataset, tiny_model, tmp_path / "none", "--refine", "refiner") != 0
+    assert not (tmp_path / "none" / "sub-01").exists()

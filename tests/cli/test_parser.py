@@ -31,7 +31,7 @@ def test_positionals_and_defaults(dataset, tmp_path):
     assert opts.participant_labels == [] and opts.session_labels == []
     assert opts.bids_filters is None and opts.work_dir is None
     assert (opts.steps, opts.seed, opts.device, opts.verbosity) == (5, 0, "auto", 0)
-    assert opts.refine == "em"
+    assert opts.refine == "auto"  # the model's refiner when it has one, else em
     assert not opts.overwrite and not opts.skip_bids_validation
 
 

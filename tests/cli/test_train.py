@@ -213,6 +213,8 @@ def test_the_default_model_recipe():
     assert config.data.voxel_size == (2.0, 2.0, 2.0) and config.model.label_prior_bins == 48
     assert config.data.split_midline_maps == ("fb_*", "old_*")
     assert config.training.patch_size == (48, 48, 48)
+    assert config.refiner is not None and config.refiner.training.iterations == 3000
+    assert config.refiner.config(33).voxel_size == 1.0  # halves the 2 mm grid
     with pytest.raises(UsageError, match=r"\[sampling\]"):
         TrainConfig.from_dict({"sampling": {"nonsense": 1}})
 
@@ -310,3 +312,39 @@ def test_train_on_real_images_with_ants_registration(tmp_path: Path):
     assert len(prepared) == 2
     with np.load(prepared[0]) as arrays:
         assert arrays["distance"].max() > 0.9 and arrays["image"].shape == (128, 128, 128)
+
+
+def test_a_refiner_stage_trains_after_ca_diff_and_lands_in_the_checkpoint(dataset, tmp_path: Path):
+    bids, labels, atlas = dataset
+    maps = _label_maps(labels, tmp_path / "maps")
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text("[refiner]\niterations = 3\npatch = 8\nchannels = [4, 8, 8]\nsqueeze = 2\n"
+                      "voxel_size = 4.0\ncheckpoint_every = 2\nwarmup = 1\n")
+    out = tmp_path / "o"
+    args = [str(bids), str(labels), str(out), "--config", str(recipe), "--atlas", str(atlas),
+            *TINY_ARGS, "--iterations", "2", "--val-participants", "03", "--sampling", "mixed",
+            "--synth-label-maps", str(maps), "-w", str(tmp_path / "w")]
+    assert main(args) == 0
+    loaded = load_checkpoint(out / "model.pt")
+    assert loaded.refiner is not None and loaded.refiner.config.channels == (4, 8, 8)
+    assert loaded.refiner.config.num_classes == loaded.metadata.labels.num_classes
+    assert loaded.metadata.training["recipe"]["refiner"]["iterations"] == 3
+    from bids_cadiff.inference.checkpoint import read_checkpoint
+
+    about = read_checkpoint(out / "model.pt")["refiner"]
+    # the validation subject is not among the refiner's training data
+    assert about["subjects"] == ["sub-01_T1w.nii.gz", "sub-02_T1w.nii.gz", "map_01.nii.gz",
+                                 "map_02.nii.gz"]
+    assert about["iteration"] == 3 and about["simulation"]["factor"] == 1
+    # resuming the finished run trains nothing again and keeps the refiner
+    before = (out / "refiner" / "refiner.pt").stat().st_mtime_ns
+    assert main([*args, "--resume", "auto"]) == 0
+    assert (out / "refiner" / "refiner.pt").stat().st_mtime_ns == before
+    assert load_checkpoint(out / "model.pt").refiner is not None
+
+
+def test_unknown_refiner_keys_are_a_usage_error():
+    with pytest.raises(UsageError, match="unknown \\[refiner\\] keys \\['depth'\\]"):
+        TrainConfig.from_dict({"refiner": {"depth": 3}})
+    with pytest.raises(UsageError, match="invalid \\[refiner\\]"):
+        TrainConfig.from_dict({"refiner": {"patch": 10}})

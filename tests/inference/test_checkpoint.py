@@ -222,3 +222,31 @@ def test_calibration_is_stored_and_travels_with_a_new_hash(tmp_path):
         store_calibration(path, tmp_path / "bad.pt", {"temperature": 0})
     with pytest.raises(ValueError, match="temperature"):
         dataclasses.replace(_meta(), calibration={"temperature": -1.0})
+
+
+def test_a_refiner_travels_in_the_checkpoint_and_in_its_hash(tmp_path):
+    from bids_cadiff.inference.checkpoint import store_refiner
+    from bids_cadiff.models.refiner import Refiner, RefinerConfig
+
+    path = tmp_path / "m.pt"
+    plain = save_checkpoint(path, _model(), _meta())
+    assert load_checkpoint(path).refiner is None
+    torch.manual_seed(1)
+    refiner = Refiner(RefinerConfig(num_classes=3, channels=(4, 8, 8), squeeze=2))
+    torch.nn.init.normal_(refiner.head.weight)
+    both = tmp_path / "r.pt"
+    digest = store_refiner(path, both, refiner, {"subjects": ["sub-01"], "iteration": 5})
+    loaded = load_checkpoint(both)
+    assert digest != plain and loaded.metadata.sha256 == digest
+    assert loaded.refiner is not None and loaded.refiner.config == refiner.config
+    for (k, a), (_, b) in zip(refiner.state_dict().items(), loaded.refiner.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert read_checkpoint(both)["refiner"]["subjects"] == ["sub-01"]
+    # the refiner's weights are under the hash: a changed one is refused
+    payload = torch.load(both, weights_only=True)
+    payload["refiner_state_dict"]["head.bias"] += 1
+    torch.save(payload, tmp_path / "tampered.pt")
+    with pytest.raises(CheckpointError, match="hash"):
+        load_checkpoint(tmp_path / "tampered.pt")
+    with pytest.raises(ValueError, match="classes"):
+        store_refiner(path, tmp_path / "x.pt", Refiner(RefinerConfig(num_classes=4)), {})

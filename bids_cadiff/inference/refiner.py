@@ -1,0 +1,193 @@
+"""Running the 1 mm refiner (:mod:`bids_cadiff.models.refiner`) on a segmented image.
+
+The model's probabilities on its coarse grid (the brain box, ``crop_affine``) are upsampled
+by an integer factor onto a fine grid that subdivides each coarse voxel (2 mm → 1 mm), the
+bias-corrected T1w is resampled onto the same fine grid, and the refiner runs there in MONAI
+sliding windows. Its probabilities then go onto the T1w's own grid as the coarse ones would
+(:func:`~bids_cadiff.inference.resample.posterior_on_grid`).
+
+Only the part of the box where some structure is possible (background probability below
+``active_threshold`` on the coarse grid, plus a margin) is refined; elsewhere the fine grid is
+background, as the coarse probabilities say.
+
+The image normalisation (:func:`refiner_image`) is the one training uses
+(:mod:`bids_cadiff.training.refiner_data`): intensities divided by their 99th percentile over
+the brain, clipped to [0, 1].
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.inferers import sliding_window_inference
+
+from bids_cadiff.inference.resample import field_to_grid
+from bids_cadiff.models.refiner import Refiner
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "BRAIN_PERCENTILE",
+    "refiner_image",
+    "fine_grid",
+    "upsample_probabilities",
+    "active_box",
+    "refine_probabilities",
+]
+
+#: Percentile of the brain's intensities that maps to 1 in the refiner's input.
+BRAIN_PERCENTILE = 99.0
+
+
+def refiner_image(intensity: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """The refiner's image input: ``intensity`` divided by its :data:`BRAIN_PERCENTILE`-th
+    percentile over ``brain``, clipped to [0, 1].
+
+    Args:
+        intensity: ``(X, Y, Z)`` bias-corrected intensities (any scale).
+        brain: ``(X, Y, Z)`` bool, the voxels of the brain (any structure more probable than
+            background at inference; the labelled voxels in training).
+
+    Returns:
+        ``(X, Y, Z)`` float32 in [0, 1] (zeros when ``brain`` is empty or dark).
+    """
+    values = np.asarray(intensity, dtype=np.float32)
+    inside = values[np.asarray(brain, dtype=bool)]
+    scale = float(np.percentile(inside, BRAIN_PERCENTILE)) if inside.size else 0.0
+    if not scale > 0:
+        return np.zeros(values.shape, dtype=np.float32)
+    return np.clip(values / scale, 0.0, 1.0).astype(np.float32)
+
+
+def upsampling_factor(coarse_affine: np.ndarray, voxel_size: float) -> int:
+    """How many fine voxels of ``voxel_size`` mm split a coarse voxel along each axis.
+
+    Raises:
+        ValueError: the coarse grid is not isotropic or not an integer multiple of ``voxel_size``.
+    """
+    zooms = np.linalg.norm(np.asarray(coarse_affine)[:3, :3], axis=0)
+    ratio = zooms / float(voxel_size)
+    factor = int(round(float(ratio[0])))
+    if factor < 1 or not np.allclose(ratio, factor, atol=1e-3):
+        raise ValueError(
+            f"the model's grid ({', '.join(f'{z:.3g}' for z in zooms)} mm) is not an integer "
+            f"multiple of the refiner's {voxel_size:g} mm; use a refiner made for this model"
+        )
+    return factor
+
+
+def fine_grid(
+    coarse_shape: tuple[int, int, int], coarse_affine: np.ndarray, factor: int
+) -> tuple[tuple[int, int, int], np.ndarray]:
+    """The grid that splits every coarse voxel into ``factor³`` fine ones (same extent).
+
+    Fine voxel ``j`` has its centre at coarse coordinate ``(j + 0.5) / factor − 0.5``, the
+    geometry of ``F.interpolate(..., scale_factor=factor, align_corners=False)``.
+
+    Returns:
+        ``(shape, affine)`` of the fine grid.
+    """
+    scale = np.eye(4)
+    scale[:3, :3] /= factor
+    scale[:3, 3] = (1.0 / factor - 1.0) / 2.0
+    shape = tuple(int(n) * factor for n in coarse_shape)
+    return (shape[0], shape[1], shape[2]), np.asarray(coarse_affine, dtype=np.float64) @ scale
+
+
+def upsample_probabilities(probs: torch.Tensor, factor: int) -> torch.Tensor:
+    """``(C, X, Y, Z)`` → ``(C, fX, fY, fZ)`` trilinear (the :func:`fine_grid` geometry),
+    renormalised to sum to 1."""
+    if factor == 1:
+        return probs.float()
+    fine = F.interpolate(probs[None].float(), scale_factor=factor, mode="trilinear",
+                         align_corners=False)[0]
+    return fine / fine.sum(dim=0, keepdim=True).clamp_min(1e-6)
+
+
+def active_box(
+    probs: torch.Tensor, threshold: float = 0.995, margin: int = 2, multiple: int = 2
+) -> tuple[slice, slice, slice]:
+    """The coarse voxels where some structure is possible (background below ``threshold``),
+    with ``margin`` voxels around, widened so each side is a multiple of ``multiple`` voxels
+    where the grid allows (the refiner wants fine sizes divisible by 4).
+
+    Args:
+        probs: ``(C, X, Y, Z)`` probabilities, channel 0 background.
+
+    Returns:
+        three slices (the whole grid when nothing is active).
+    """
+    shape = probs.shape[1:]
+    active = np.argwhere((probs[0] < threshold).numpy())
+    if len(active) == 0:
+        return tuple(slice(0, int(n)) for n in shape)  # type: ignore[return-value]
+    lo = np.maximum(active.min(0) - margin, 0)
+    hi = np.minimum(active.max(0) + margin + 1, shape)
+    out = []
+    for a, b, n in zip(lo, hi, shape):
+        size = int(math.ceil((b - a) / multiple) * multiple)
+        b = min(int(a) + size, int(n))
+        a = max(b - size, 0)
+        out.append(slice(int(a), int(b)))
+    return tuple(out)  # type: ignore[return-value]
+
+
+def refine_probabilities(
+    refiner: Refiner,
+    probs: torch.Tensor,
+    coarse_affine: np.ndarray,
+    intensity: np.ndarray,
+    intensity_affine: np.ndarray,
+    *,
+    window: int = 96,
+    overlap: float = 0.25,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> tuple[torch.Tensor, np.ndarray]:
+    """The refiner's probabilities on the fine grid of the active part of the box.
+
+    Args:
+        refiner: the trained refiner (eval mode is set here).
+        probs: ``(C, X, Y, Z)`` the model's probabilities on its coarse grid.
+        coarse_affine: ``(4, 4)`` voxel-to-world matrix of ``probs``.
+        intensity: ``(X', Y', Z')`` bias-corrected T1w on its own grid.
+        intensity_affine: ``(4, 4)`` the T1w's voxel-to-world matrix.
+        window: sliding-window size in fine voxels (a multiple of 4).
+        overlap: sliding-window overlap.
+        device: where the network runs.
+        progress: tqdm bar over windows.
+
+    Returns:
+        ``(fine_probs, fine_affine)``: ``(C, fX, fY, fZ)`` float32 probabilities on the CPU
+        and their grid.
+    """
+    factor = upsampling_factor(coarse_affine, refiner.config.voxel_size)
+    box = active_box(probs, multiple=max(1, 4 // math.gcd(4, factor)))
+    offset = np.eye(4)
+    offset[:3, 3] = [s.start for s in box]
+    box_affine = np.asarray(coarse_affine, dtype=np.float64) @ offset
+    coarse = probs[(slice(None), *box)]
+    shape, affine = fine_grid(tuple(coarse.shape[1:]), box_affine, factor)  # type: ignore[arg-type]
+    fine = upsample_probabilities(coarse, factor)
+    image = field_to_grid(np.asarray(intensity, dtype=np.float32), intensity_affine, shape, affine)
+    image = refiner_image(image, (fine[0] < 0.5).numpy())
+    stacked = torch.cat([torch.from_numpy(image)[None], fine], dim=0)[None]
+    del fine
+    device = torch.device(device)
+    refiner.to(device).eval()
+
+    def predictor(x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(refiner(x), dim=1)
+
+    size = [min(window, int(math.ceil(n / 4) * 4)) for n in shape]
+    with torch.no_grad():
+        out = sliding_window_inference(
+            stacked, roi_size=size, sw_batch_size=1, predictor=predictor, overlap=overlap,
+            mode="gaussian", padding_mode="constant", sw_device=device,
+            device=torch.device("cpu"), progress=progress,
+        )[0]
+    return out / out.sum(dim=0, keepdim=True).clamp_min(1e-6), affine
