@@ -23,7 +23,11 @@ back and checks the checkpoint's content hash before the run sees it.
 
 ``finished`` exits 1, naming the run and how far it is, unless every run has trained all the
 iterations of its ``train_config.toml`` and holds the ``model.pt`` they ended with (a run
-stopped early also writes ``model.pt``: scoring that as the fold's model would be wrong).
+stopped early also writes ``model.pt``: scoring that as the fold's model would be wrong), and,
+when its recipe has a ``[refiner]`` table, that ``model.pt`` carries the finished refiner.
+
+The refiner stage's files (``refiner/refiner_state.pt`` while it trains, ``refiner/refiner.pt``
+once done; about 4 MB) travel with ``save`` and ``restore`` too.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bids_cadiff.errors import CheckpointError  # noqa: E402
-from bids_cadiff.inference.checkpoint import read_checkpoint  # noqa: E402
+from bids_cadiff.inference.checkpoint import _content_hash, read_checkpoint  # noqa: E402
 from bids_cadiff.io.atomic import atomic_path  # noqa: E402
 from bids_cadiff.training.loop import FINAL_MODEL, checkpoint_path, latest_checkpoint, state_path  # noqa: E402,E501
 
@@ -53,6 +57,8 @@ logger = logging.getLogger("training_state")
 
 #: Run files kept beside the checkpoint.
 LOGS = ("train_log.tsv", "val_log.tsv", "train_config.toml")
+#: The refiner stage's files (bids_cadiff.app.train_refiner), kept when present.
+REFINER_FILES = ("refiner/refiner_state.pt", "refiner/refiner.pt")
 #: The checkpoint's buffer kept apart (unchanged by training), and the file it is kept in.
 PRIOR_KEY, PRIOR_FILE = "label_prior", "label_prior.pt"
 
@@ -128,9 +134,11 @@ def save(run: Path, dest: Path) -> Path:
     for old in (dest / "checkpoints").glob("iter-*.pt"):
         if old.name not in {f.name for f in files}:
             old.unlink()
-    for name in LOGS:
+    for name in LOGS + REFINER_FILES:
         if (run / name).exists():
             _copy(run / name, dest / name)
+        elif name in REFINER_FILES:
+            (dest / name).unlink(missing_ok=True)
     logger.info("saved %s (iteration %d) in %s", checkpoint.name, _iteration(checkpoint), dest)
     return dest / "checkpoints" / checkpoint.name
 
@@ -138,6 +146,9 @@ def save(run: Path, dest: Path) -> Path:
 def restore(saved: Path, run: Path) -> bool:
     """Copy ``saved`` into ``run`` when that has no checkpoint as far on; True if copied."""
     kept, have = latest_checkpoint(saved), latest_checkpoint(run)
+    for name in REFINER_FILES:  # the refiner stage's progress, where the run lacks it
+        if (saved / name).is_file() and not (run / name).is_file():
+            _copy(saved / name, run / name)
     if kept is None:
         logger.info("%s holds no saved state: nothing to restore", saved)
         return False
@@ -165,10 +176,25 @@ def unfinished(run: Path) -> str | None:
         reached = _iteration(latest_checkpoint(run))
         return (f"{run}: at iteration {max(reached, 0)} of {iterations}; finish it first "
                 "(make default-model-foldN resumes it)")
-    if not final.is_file() or not filecmp.cmp(final, last, shallow=False):
+    if not final.is_file() or not _same_network(final, last):
         return (f"{run}: {FINAL_MODEL} is not the final checkpoint {last.name} (a model from an "
                 f"earlier stop); resume the run once (make default-model-foldN) to write it")
+    if "refiner" in tomllib.loads(config.read_text()) and "refiner" not in read_checkpoint(final):
+        return (f"{run}: its recipe trains a 1 mm refiner and {FINAL_MODEL} has none yet; "
+                "resume the run (make default-model-foldN) to train it")
     return None
+
+
+def _same_network(final: Path, last: Path) -> bool:
+    """``final`` is ``last`` with at most a refiner added (``store_refiner`` rewrites it)."""
+    if filecmp.cmp(final, last, shallow=False):
+        return True
+
+    def network(path: Path) -> str:
+        payload = read_checkpoint(path)
+        return _content_hash({k: v for k, v in payload.items() if not k.startswith("refiner")})
+
+    return network(final) == network(last)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -308,7 +308,8 @@ def _entities(pair: TrainingPair) -> dict[str, str]:
 
 
 def _finished(model_path: Path, config: TrainConfig) -> bool:
-    """Whether ``model.pt`` is a finished run of this recipe (same settings, all iterations)."""
+    """Whether ``model.pt`` is a finished run of this recipe (same settings, all iterations,
+    and its 1 mm refiner when the recipe has a ``[refiner]`` table)."""
     from bids_cadiff.errors import CheckpointError
     from bids_cadiff.inference.checkpoint import read_checkpoint
 
@@ -318,4 +319,5 @@ def _finished(model_path: Path, config: TrainConfig) -> bool:
         return False
     training = payload.get("training", {})
     return (training.get("recipe") == config.to_dict()
-            and int(training.get("iteration", -1)) >= config.training.iterations)
+            and int(training.get("iteration", -1)) >= config.training.iterations
+            and (config.refiner is None or "refiner" in payload))

@@ -276,6 +276,13 @@ def segment_prepared(
     return probs, prepared.affine @ offset
 
 
+def posterior_temperature(meta: ModelMetadata, refiner: Refiner | None) -> float:
+    """The calibration temperature applied to the final probabilities: the model's (fitted on
+    its EM-refined posterior, ``scripts/calibration.py``), or 1 when a refiner makes them,
+    for which no temperature has been fitted yet."""
+    return meta.temperature if refiner is None else 1.0
+
+
 @dataclass
 class Segmentation:
     """One T1w segmented, on its own grid.
@@ -359,7 +366,8 @@ def segment_t1w(
     mean = draws[0] if samples == 1 else torch.stack(draws).mean(dim=0)
     final = posterior_on_t1w_grid(t1, mean, crop_affine, refine, intensity,
                                   keep_probabilities=keep_probabilities,
-                                  temperature=meta.temperature, refiner=refiner, device=device)
+                                  temperature=posterior_temperature(meta, refiner),
+                                  refiner=refiner, device=device)
     timings["refinement" if refined else "to_native_grid"] = time.perf_counter() - start
     voxel_mm3 = float(np.prod(t1.header.get_zooms()[:3]))
     sample_volumes: list[dict[int, float]] = []
@@ -591,7 +599,7 @@ def _write_outputs(
                 "Samples": result.samples,
                 "Measure": measure,
                 "BrainMean": round(brain_uncertainty, 5),
-                "Temperature": loaded.metadata.temperature,
+                "Temperature": posterior_temperature(loaded.metadata, refinement.refiner),
             },
             "QC": qc,
             "Orientation": (result.orientation.as_json()

@@ -135,7 +135,17 @@ def run_refiner_stage(
     simulation = dataclasses.replace(recipe.simulation, factor=factor)
     work = output_dir / REFINER_DIR
     final = work / REFINER_FILE
-    if not final.is_file():
+    subjects = [str(p.t1w.name) for p in pairs] + [p.name for p in label_maps]
+    if final.is_file():
+        _, made = load_refiner(final)
+        wanted = {"config": config.to_dict(), "simulation": simulation.to_dict(),
+                  "training": recipe.training.to_dict(), "subjects": subjects}
+        if any(made.get(k) != v for k, v in wanted.items()):
+            raise UsageError(
+                f"{final} was trained with other [refiner] settings or training data than this "
+                f"run; delete {work} to train it again, or use another output folder"
+            )
+    else:
         clock_start = time.monotonic()
         log.info("refiner: loading %d training image(s) and %d label map(s) at %g mm",
                  len(pairs), len(label_maps), config.voxel_size)
@@ -153,7 +163,6 @@ def run_refiner_stage(
             real_fraction=settings.real_fraction, skull_fraction=settings.skull_fraction,
             seed=settings.seed,
         )
-        subjects = [str(p.t1w.name) for p in pairs] + [p.name for p in label_maps]
         done = train_refiner(dataset, config, settings, work, subjects=subjects,
                              time_limit=time_left, clock_start=clock_start, progress=progress)
         if done is None:

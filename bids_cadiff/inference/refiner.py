@@ -8,7 +8,10 @@ sliding windows. Its probabilities then go onto the T1w's own grid as the coarse
 
 Only the part of the box where some structure is possible (background probability below
 ``active_threshold`` on the coarse grid, plus a margin) is refined; elsewhere the fine grid is
-background, as the coarse probabilities say.
+background, as the coarse probabilities say. Inside, a structure whose upsampled coarse
+probability is at most the refiner's ``prob_floor`` keeps probability 0, so the refiner moves
+boundaries but does not spread every structure thinly over the box (which would inflate soft
+volumes).
 
 The image normalisation (:func:`refiner_image`) is the one training uses
 (:mod:`bids_cadiff.training.refiner_data`): intensities divided by their 99th percentile over
@@ -180,8 +183,13 @@ def refine_probabilities(
     device = torch.device(device)
     refiner.to(device).eval()
 
+    floor = refiner.config.prob_floor
+
     def predictor(x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(refiner(x), dim=1)
+        # a structure the coarse probabilities rule out (at most the floor) stays out: the
+        # floor would otherwise spread a little of every structure over the whole box
+        probs = torch.softmax(refiner(x), dim=1) * (x[:, 1:] > floor)
+        return probs / probs.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
     size = [min(window, int(math.ceil(n / 4) * 4)) for n in shape]
     with torch.no_grad():

@@ -114,10 +114,10 @@ def train_refiner(
             "training": settings.to_dict(), "subjects": list(subjects)}
     if state_path.is_file():
         state = torch.load(str(state_path), map_location="cpu", weights_only=True)
-        if state["config"] != meta["config"] or state["training"] != meta["training"]:
+        if any(state.get(k) != meta[k] for k in ("config", "simulation", "training", "subjects")):
             raise ValueError(
-                f"{state_path} was made with other refiner settings; delete it or use another "
-                "output folder"
+                f"{state_path} was made with other refiner settings or training data; delete "
+                "it or use another output folder"
             )
         model.load_state_dict(state["refiner"])
         optimizer.load_state_dict(state["optimizer"])

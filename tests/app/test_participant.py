@@ -323,12 +323,14 @@ def test_a_model_with_a_refiner_uses_it_by_default(dataset, tiny_model, tmp_path
     without one for ``--refine refiner`` stops before any image."""
     import torch
 
-    from bids_cadiff.inference.checkpoint import store_refiner
+    from bids_cadiff.inference.checkpoint import store_calibration, store_refiner
     from bids_cadiff.models.refiner import Refiner, RefinerConfig
 
     torch.manual_seed(0)
+    calibrated = tmp_path / "tiny-calibrated.pt"
+    store_calibration(tiny_model, calibrated, {"temperature": 1.7})
     refined_model = tmp_path / "tiny-refiner.pt"
-    store_refiner(tiny_model, refined_model,
+    store_refiner(calibrated, refined_model,
                   Refiner(RefinerConfig(num_classes=4, channels=(4, 8, 8), squeeze=2, voxel_size=2.0)),
                   {"subjects": ["phantom"]})
     out = tmp_path / "out"
@@ -339,6 +341,8 @@ def test_a_model_with_a_refiner_uses_it_by_default(dataset, tiny_model, tmp_path
     assert sidecar["Refinement"]["Refiner"] == {"VoxelSizeMM": 2.0, "Channels": [4, 8, 8]}
     assert sidecar["Refinement"]["Settings"]["iterations"] == 5
     assert "refinement" in sidecar["StageSeconds"]
+    # the model's temperature (1.7) was fitted without the refiner: not applied to its output
+    assert sidecar["Uncertainty"]["Temperature"] == 1.0
     refined = nib.load(anat / "sub-01_desc-cadiff_dseg.nii.gz")
     t1 = nib.load(dataset[0] / "sub-01" / "anat" / "sub-01_T1w.nii.gz")
     assert refined.shape == t1.shape and np.allclose(refined.affine, t1.affine, atol=1e-5)

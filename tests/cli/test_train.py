@@ -341,6 +341,9 @@ def test_a_refiner_stage_trains_after_ca_diff_and_lands_in_the_checkpoint(datase
     assert main([*args, "--resume", "auto"]) == 0
     assert (out / "refiner" / "refiner.pt").stat().st_mtime_ns == before
     assert load_checkpoint(out / "model.pt").refiner is not None
+    # a refiner made with other settings is not attached to this run's model
+    recipe.write_text(recipe.read_text().replace("iterations = 3", "iterations = 4"))
+    assert main([*args, "--resume", "auto"]) == 2
 
 
 def test_unknown_refiner_keys_are_a_usage_error():

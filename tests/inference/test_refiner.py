@@ -91,3 +91,18 @@ def test_an_untrained_refiner_keeps_the_coarse_labels_on_the_t1w_grid() -> None:
     direct = posterior_on_grid(probs, COARSE, shape, t1_affine).labels
     assert (via_refiner == direct).mean() > 0.97
     assert {0, 1, 2} <= set(np.unique(via_refiner))
+
+
+def test_structures_the_coarse_probabilities_rule_out_stay_out() -> None:
+    """A trained refiner's floor must not leak every structure into the box: where the coarse
+    probability of a class is 0, so is the refined one (soft volumes stay honest)."""
+    torch.manual_seed(0)
+    labels = np.zeros((12, 12, 12), np.int64)
+    labels[3:9, 3:9, 3:9] = 1
+    probs = torch.from_numpy(np.eye(3, dtype=np.float32)[labels].transpose(3, 0, 1, 2))
+    refiner = Refiner(RefinerConfig(num_classes=3, channels=(4, 8, 8), squeeze=2))
+    torch.nn.init.normal_(refiner.head.weight, std=1.0)
+    intensity = np.random.default_rng(0).uniform(0, 1, (24, 24, 24)).astype(np.float32)
+    fine, _ = refine_probabilities(refiner, probs, COARSE, intensity, COARSE, window=16)
+    assert float(fine[2].max()) == 0.0  # class 2 is nowhere in the coarse probabilities
+    assert torch.allclose(fine.sum(0), torch.ones(fine.shape[1:]), atol=1e-4)

@@ -110,3 +110,32 @@ def test_the_label_prior_is_kept_once_and_put_back_exactly(tmp_path: Path):
     read_checkpoint(plain / "checkpoints" / "iter-0000250.pt")
     assert module.restore(plain, tmp_path / "plain_run")
     read_checkpoint(tmp_path / "plain_run" / "checkpoints" / "iter-0000250.pt")
+
+
+def test_a_refiner_stage_travels_and_finishes_the_run(tmp_path: Path):
+    """The refiner's files are saved and restored; a model.pt that is the final checkpoint plus
+    a refiner counts as the final model, and a recipe with [refiner] needs that refiner."""
+    from bids_cadiff.inference.checkpoint import store_refiner
+    from bids_cadiff.models.refiner import Refiner, RefinerConfig
+
+    module = load_script("training_state")
+    run = _run(tmp_path / "fold1", 500)
+    (run / "train_config.toml").write_text("[training]\niterations = 500\n[refiner]\niterations = 9\n")
+    (run / "refiner").mkdir()
+    (run / "refiner" / "refiner_state.pt").write_text("refiner state")
+    saved = tmp_path / "saved"
+    module.main(["save", str(run), str(saved)])
+    assert (saved / "refiner" / "refiner_state.pt").read_text() == "refiner state"
+    fresh = tmp_path / "fresh"
+    assert module.restore(saved, fresh)
+    assert (fresh / "refiner" / "refiner_state.pt").read_text() == "refiner state"
+
+    shutil.copyfile(run / "checkpoints" / "iter-0000500.pt", run / "model.pt")
+    assert "has none yet" in module.unfinished(run)
+    store_refiner(run / "model.pt", run / "model.pt",
+                  Refiner(RefinerConfig(num_classes=3, channels=(4, 8, 8))), {})
+    assert module.unfinished(run) is None  # the network is the final checkpoint's
+    _checkpoint(run / "other.pt", 250)
+    store_refiner(run / "other.pt", run / "model.pt",
+                  Refiner(RefinerConfig(num_classes=3, channels=(4, 8, 8))), {})
+    assert "is not the final checkpoint" in module.unfinished(run)

@@ -66,6 +66,8 @@ def test_a_state_from_other_settings_is_refused(tmp_path: Path) -> None:
                   progress=False)
     with pytest.raises(ValueError, match="other refiner settings"):
         train_refiner(_dataset(), CONFIG, _settings(9), tmp_path, subjects=["toy"], progress=False)
+    with pytest.raises(ValueError, match="training data"):
+        train_refiner(_dataset(), CONFIG, _settings(6), tmp_path, subjects=["other"], progress=False)
 
 
 def test_a_file_without_refiner_weights_is_refused(tmp_path: Path) -> None:
