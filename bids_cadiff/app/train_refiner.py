@@ -117,6 +117,7 @@ def run_refiner_stage(
         it first (its state is saved; resume to go on).
     """
     from bids_cadiff.inference.checkpoint import store_refiner
+    from bids_cadiff.inference.refiner import grid_factor
     from bids_cadiff.training.refiner_data import (
         RefinerPatches,
         load_label_map_volume,
@@ -125,9 +126,8 @@ def run_refiner_stage(
     from bids_cadiff.training.refiner_loop import REFINER_FILE, load_refiner, train_refiner
 
     config = recipe.config(table.num_classes)
-    ratio = [float(v) / config.voxel_size for v in model_voxel_size]
-    factor = int(round(ratio[0]))
-    if factor < 1 or any(abs(r - factor) > 1e-3 for r in ratio):
+    factor = grid_factor(list(model_voxel_size), config.voxel_size)
+    if factor is None:
         raise UsageError(
             f"[refiner] voxel_size {config.voxel_size} mm does not divide the model's grid "
             f"({', '.join(f'{v:g}' for v in model_voxel_size)} mm); set it to a divisor"
@@ -137,7 +137,7 @@ def run_refiner_stage(
     final = work / REFINER_FILE
     subjects = [str(p.t1w.name) for p in pairs] + [p.name for p in label_maps]
     if final.is_file():
-        _, made = load_refiner(final)
+        refiner, made = load_refiner(final)
         wanted = {"config": config.to_dict(), "simulation": simulation.to_dict(),
                   "training": recipe.training.to_dict(), "subjects": subjects}
         if any(made.get(k) != v for k, v in wanted.items()):
@@ -167,7 +167,7 @@ def run_refiner_stage(
                              time_limit=time_left, clock_start=clock_start, progress=progress)
         if done is None:
             return False
-    refiner, about = load_refiner(final)
-    digest = store_refiner(checkpoint, checkpoint, refiner, about)
+        refiner, made = load_refiner(done)
+    digest = store_refiner(checkpoint, checkpoint, refiner, made)
     log.info("refiner stored in %s (sha256 %s…)", checkpoint, digest[:12])
     return True

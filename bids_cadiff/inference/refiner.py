@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "BRAIN_PERCENTILE",
     "refiner_image",
+    "grid_factor",
     "fine_grid",
     "upsample_probabilities",
     "active_box",
@@ -66,6 +67,14 @@ def refiner_image(intensity: np.ndarray, brain: np.ndarray) -> np.ndarray:
     return np.clip(values / scale, 0.0, 1.0).astype(np.float32)
 
 
+def grid_factor(zooms: "np.ndarray | list[float] | tuple[float, ...]", voxel_size: float) -> int | None:
+    """The integer number of ``voxel_size`` voxels per coarse voxel of size ``zooms`` (mm)
+    along every axis, or ``None`` when it is not the same integer on all of them."""
+    ratio = np.asarray(zooms, dtype=float) / float(voxel_size)
+    factor = int(round(float(ratio[0])))
+    return factor if factor >= 1 and np.allclose(ratio, factor, atol=1e-3) else None
+
+
 def upsampling_factor(coarse_affine: np.ndarray, voxel_size: float) -> int:
     """How many fine voxels of ``voxel_size`` mm split a coarse voxel along each axis.
 
@@ -73,9 +82,8 @@ def upsampling_factor(coarse_affine: np.ndarray, voxel_size: float) -> int:
         ValueError: the coarse grid is not isotropic or not an integer multiple of ``voxel_size``.
     """
     zooms = np.linalg.norm(np.asarray(coarse_affine)[:3, :3], axis=0)
-    ratio = zooms / float(voxel_size)
-    factor = int(round(float(ratio[0])))
-    if factor < 1 or not np.allclose(ratio, factor, atol=1e-3):
+    factor = grid_factor(zooms, voxel_size)
+    if factor is None:
         raise ValueError(
             f"the model's grid ({', '.join(f'{z:.3g}' for z in zooms)} mm) is not an integer "
             f"multiple of the refiner's {voxel_size:g} mm; use a refiner made for this model"
