@@ -87,13 +87,14 @@ default-model: work/shared_bids/labels/dataset_description.json
 
 # Cross-validation of the v2 folds (the model card's figures), once the three folds are trained:
 # each fold's model scores all seven subjects, skull on and off, with every refinement candidate
-# (fixed beforehand; the refiner rows come from the 1 mm refiner each fold model carries, from
-# the recipe's [refiner] table); per fold the candidate with the best mean Dice on the fold's other subjects
+# (fixed beforehand); per fold the candidate with the best mean Dice on the fold's other subjects
 # is kept for its test subjects (scripts/crossval_nested.py). The multi-atlas baseline votes the
 # fold's training subjects. Registrations are cached in work/evaluate; about 30 min per fold.
+# Each fold's scores are a file of their own, made again only when its model.pt changes, so a
+# finished fold can be scored while another still trains: `make artifacts/crossval_v2/fold1_all.tsv`.
 CV2 := artifacts/crossval_v2
 CV_REFINE := em=1,em05=0.5
-CV_CANDIDATES := CA-Diff,CA-Diff + em,CA-Diff + em05,CA-Diff + refiner,CA-Diff + refiner + em
+CV_CANDIDATES := CA-Diff,CA-Diff + em,CA-Diff + em05
 EVAL := $(PY) scripts/evaluate_default_model.py --work work/evaluate
 TEST1 := sub-01,sub-02
 TEST2 := sub-03,sub-04
@@ -101,16 +102,20 @@ TEST3 := sub-05,sub-06,sub-07
 ATLASES1 := sub-03,sub-04,sub-05,sub-06,sub-07
 ATLASES2 := sub-01,sub-02,sub-05,sub-06,sub-07
 ATLASES3 := sub-01,sub-02,sub-03,sub-04
-crossval-default-model: $(STAMP)
-	$(STATE) finished $(V2)/fold1 $(V2)/fold2 $(V2)/fold3
+.SECONDEXPANSION:
+$(CV2)/fold%_all.tsv: $(STAMP) $$(wildcard $(V2)/fold$$*/model.pt)
+	$(STATE) finished $(V2)/fold$*
 	mkdir -p $(CV2)
-	for k in 1 2 3; do \
-	  $(EVAL) --model $(V2)/fold$$k/model.pt --test $(ALL_FSTD) --no-multiatlas --no-prior-alone \
-	    --refine $(CV_REFINE) --out $(CV2)/fold$${k}_all.tsv || exit 1; \
-	done
-	$(EVAL) --no-cadiff --test $(TEST1) --atlases $(ATLASES1) --out $(CV2)/multiatlas_fold1.tsv
-	$(EVAL) --no-cadiff --test $(TEST2) --atlases $(ATLASES2) --out $(CV2)/multiatlas_fold2.tsv
-	$(EVAL) --no-cadiff --test $(TEST3) --atlases $(ATLASES3) --out $(CV2)/multiatlas_fold3.tsv
+	$(EVAL) --model $(V2)/fold$*/model.pt --test $(ALL_FSTD) --no-multiatlas --no-prior-alone \
+	    --refine $(CV_REFINE) --out $(CV2)/fold$*_all.part.tsv
+	mv $(CV2)/fold$*_all.part.tsv $@
+
+$(CV2)/multiatlas_fold%.tsv: $(STAMP)
+	mkdir -p $(CV2)
+	$(EVAL) --no-cadiff --test $(TEST$*) --atlases $(ATLASES$*) --out $(CV2)/multiatlas_fold$*.part.tsv
+	mv $(CV2)/multiatlas_fold$*.part.tsv $@
+
+crossval-default-model: $(foreach k,1 2 3,$(CV2)/fold$(k)_all.tsv $(CV2)/multiatlas_fold$(k).tsv)
 	$(PY) scripts/crossval_nested.py --candidates "$(CV_CANDIDATES)" \
 	    --fold $(CV2)/fold1_all.tsv $(TEST1) --fold $(CV2)/fold2_all.tsv $(TEST2) \
 	    --fold $(CV2)/fold3_all.tsv $(TEST3) \

@@ -123,7 +123,12 @@ def run_refiner_stage(
         load_label_map_volume,
         load_real_volume,
     )
-    from bids_cadiff.training.refiner_loop import REFINER_FILE, load_refiner, train_refiner
+    from bids_cadiff.training.refiner_loop import (
+        REFINER_FILE,
+        load_refiner,
+        refiner_settings,
+        train_refiner,
+    )
 
     config = recipe.config(table.num_classes)
     factor = grid_factor(list(model_voxel_size), config.voxel_size)
@@ -138,8 +143,7 @@ def run_refiner_stage(
     subjects = [str(p.t1w.name) for p in pairs] + [p.name for p in label_maps]
     if final.is_file():
         refiner, made = load_refiner(final)
-        wanted = {"config": config.to_dict(), "simulation": simulation.to_dict(),
-                  "training": recipe.training.to_dict(), "subjects": subjects}
+        wanted = refiner_settings(config, simulation, recipe.training, subjects)
         if any(made.get(k) != v for k, v in wanted.items()):
             raise UsageError(
                 f"{final} was trained with other [refiner] settings or training data than this "

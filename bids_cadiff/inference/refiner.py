@@ -109,14 +109,15 @@ def fine_grid(
     return (shape[0], shape[1], shape[2]), np.asarray(coarse_affine, dtype=np.float64) @ scale
 
 
-def upsample_probabilities(probs: torch.Tensor, factor: int) -> torch.Tensor:
+def upsample_probabilities(probs: torch.Tensor, factor: int, normalise: bool = True) -> torch.Tensor:
     """``(C, X, Y, Z)`` → ``(C, fX, fY, fZ)`` trilinear (the :func:`fine_grid` geometry),
-    renormalised to sum to 1."""
+    renormalised to sum to 1 over the classes unless ``normalise`` is false (for a subset of
+    the classes)."""
     if factor == 1:
         return probs.float()
     fine = F.interpolate(probs[None].float(), scale_factor=factor, mode="trilinear",
                          align_corners=False)[0]
-    return fine / fine.sum(dim=0, keepdim=True).clamp_min(1e-6)
+    return fine / fine.sum(dim=0, keepdim=True).clamp_min(1e-6) if normalise else fine
 
 
 def active_box(
@@ -183,27 +184,59 @@ def refine_probabilities(
     box_affine = np.asarray(coarse_affine, dtype=np.float64) @ offset
     coarse = probs[(slice(None), *box)]
     shape, affine = fine_grid(tuple(coarse.shape[1:]), box_affine, factor)  # type: ignore[arg-type]
-    fine = upsample_probabilities(coarse, factor)
-    image = field_to_grid(np.asarray(intensity, dtype=np.float32), intensity_affine, shape, affine)
-    image = refiner_image(image, (fine[0] < 0.5).numpy())
-    stacked = torch.cat([torch.from_numpy(image)[None], fine], dim=0)[None]
-    del fine
+    image, classes = _network_input(coarse, factor, intensity, intensity_affine, shape, affine)
     device = torch.device(device)
     refiner.to(device).eval()
 
     floor = refiner.config.prob_floor
 
-    def predictor(x: torch.Tensor) -> torch.Tensor:
+    def predictor(x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        coarse_window = condition.float()
+        logits = refiner(torch.cat([x, coarse_window], dim=1))
         # a structure the coarse probabilities rule out (at most the floor) stays out: the
         # floor would otherwise spread a little of every structure over the whole box
-        probs = torch.softmax(refiner(x), dim=1) * (x[:, 1:] > floor)
+        probs = torch.softmax(logits, dim=1) * (coarse_window > floor)
         return probs / probs.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
     size = [min(window, int(math.ceil(n / 4) * 4)) for n in shape]
     with torch.no_grad():
+        # the image is MONAI's input (its float32 sets the output's dtype); the half-precision
+        # class channels travel as the window's `condition`, cut the same way
         out = sliding_window_inference(
-            stacked, roi_size=size, sw_batch_size=1, predictor=predictor, overlap=overlap,
+            image, roi_size=size, sw_batch_size=1, predictor=predictor, overlap=overlap,
             mode="gaussian", padding_mode="constant", sw_device=device,
-            device=torch.device("cpu"), progress=progress,
+            device=torch.device("cpu"), progress=progress, condition=classes,
         )[0]
-    return out / out.sum(dim=0, keepdim=True).clamp_min(1e-6), affine
+    del classes
+    return out.div_(out.sum(dim=0, keepdim=True).clamp_min_(1e-6)), affine
+
+
+def _network_input(
+    coarse: torch.Tensor,
+    factor: int,
+    intensity: np.ndarray,
+    intensity_affine: np.ndarray,
+    shape: tuple[int, int, int],
+    affine: np.ndarray,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The refiner's inputs on the fine grid: ``(1, 1, fX, fY, fZ)`` float32, the normalised
+    image (:func:`refiner_image`), and ``(1, C, fX, fY, fZ)`` float16, the coarse probabilities
+    upsampled (:func:`upsample_probabilities`).
+
+    Half precision, filled a few classes at a time, keeps the largest array of the stage at
+    half the size of a float32 copy of the fine probabilities (the network sees float32).
+    """
+    classes = torch.empty((1, coarse.shape[0], *shape), dtype=torch.float16)
+    # trilinear weights sum to 1, so classes upsampled apart still sum to 1 (to rounding)
+    for start in range(0, coarse.shape[0], _CHANNEL_CHUNK):
+        part = coarse[start:start + _CHANNEL_CHUNK]
+        classes[0, start:start + part.shape[0]] = upsample_probabilities(
+            part, factor, normalise=False)
+    image = field_to_grid(np.asarray(intensity, dtype=np.float32), intensity_affine, shape, affine)
+    # the brain: where background (class 0) is below 0.5
+    brain = (classes[0, 0].float() < 0.5).numpy()
+    return torch.from_numpy(refiner_image(image, brain))[None, None], classes
+
+
+#: Classes upsampled at once by :func:`_network_input` (bounds its float32 temporaries).
+_CHANNEL_CHUNK = 4

@@ -20,12 +20,19 @@ from tqdm import tqdm
 
 from bids_cadiff.io.atomic import atomic_path
 from bids_cadiff.models.refiner import Refiner, RefinerConfig
-from bids_cadiff.training.loop import schedule_factor
+from bids_cadiff.training.loop import _stop_on_signals, schedule_factor
 from bids_cadiff.training.refiner_data import CoarseSimulation, RefinerPatches
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RefinerTraining", "train_refiner", "load_refiner", "REFINER_STATE", "REFINER_FILE"]
+__all__ = [
+    "RefinerTraining",
+    "refiner_settings",
+    "train_refiner",
+    "load_refiner",
+    "REFINER_STATE",
+    "REFINER_FILE",
+]
 
 #: The resumable state in the output folder, and the final refiner.
 REFINER_STATE = "refiner_state.pt"
@@ -56,6 +63,16 @@ class RefinerTraining:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def refiner_settings(
+    config: RefinerConfig, simulation: CoarseSimulation, training: RefinerTraining,
+    subjects: list[str],
+) -> dict[str, Any]:
+    """What a refiner was made with, as saved in its state and file: a state or a refiner
+    whose settings differ from a run's is not that run's."""
+    return {"config": config.to_dict(), "simulation": simulation.to_dict(),
+            "training": training.to_dict(), "subjects": list(subjects)}
 
 
 def load_refiner(path: str | Path) -> tuple[Refiner, dict[str, Any]]:
@@ -110,11 +127,10 @@ def train_refiner(
                                   weight_decay=settings.weight_decay)
     start = 0
     state_path = out / REFINER_STATE
-    meta = {"config": config.to_dict(), "simulation": dataset.sim.to_dict(),
-            "training": settings.to_dict(), "subjects": list(subjects)}
+    meta = refiner_settings(config, dataset.sim, settings, subjects)
     if state_path.is_file():
         state = torch.load(str(state_path), map_location="cpu", weights_only=True)
-        if any(state.get(k) != meta[k] for k in ("config", "simulation", "training", "subjects")):
+        if any(state.get(k) != v for k, v in meta.items()):
             raise ValueError(
                 f"{state_path} was made with other refiner settings or training data; delete "
                 "it or use another output folder"
@@ -136,33 +152,36 @@ def train_refiner(
     bar = tqdm(range(start, settings.iterations), desc="refiner", initial=start,
                total=settings.iterations, disable=not progress)
     running = 0.0
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = settings.lr * schedule_factor(
-                step, total=settings.iterations, warmup=settings.warmup, kind="cosine")
-        items = [dataset[step * settings.batch_size + k] for k in range(settings.batch_size)]
-        x = torch.stack([it["input"] for it in items])
-        y = torch.stack([it["target"] for it in items])
-        loss = loss_fn(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        running += float(loss.detach())
-        done = step + 1
-        if done % settings.log_every == 0:
-            log.info("refiner iteration %d: loss %.4f, lr %.2e", done,
-                     running / settings.log_every, optimizer.param_groups[0]["lr"])
-            bar.set_postfix(loss=f"{running / settings.log_every:.4f}")
-            running = 0.0
-        out_of_time = time_limit is not None and time.monotonic() - clock_start > time_limit
-        if done % settings.checkpoint_every == 0 or (out_of_time and done < settings.iterations):
-            save(state_path, done, with_optimizer=True)
-            if on_checkpoint is not None:
-                on_checkpoint(done)
-        if out_of_time and done < settings.iterations:
-            log.info("refiner: time limit reached at iteration %d; resume to go on", done)
-            return None
+    with _stop_on_signals() as received:
+        for step in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = settings.lr * schedule_factor(
+                    step, total=settings.iterations, warmup=settings.warmup, kind="cosine")
+            items = [dataset[step * settings.batch_size + k] for k in range(settings.batch_size)]
+            x = torch.stack([it["input"] for it in items])
+            y = torch.stack([it["target"] for it in items])
+            loss = loss_fn(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            running += float(loss.detach())
+            done = step + 1
+            if done % settings.log_every == 0:
+                log.info("refiner iteration %d: loss %.4f, lr %.2e", done,
+                         running / settings.log_every, optimizer.param_groups[0]["lr"])
+                bar.set_postfix(loss=f"{running / settings.log_every:.4f}")
+                running = 0.0
+            out_of_time = bool(received) or (
+                time_limit is not None and time.monotonic() - clock_start > time_limit)
+            if done % settings.checkpoint_every == 0 or (out_of_time and done < settings.iterations):
+                save(state_path, done, with_optimizer=True)
+                if on_checkpoint is not None:
+                    on_checkpoint(done)
+            if out_of_time and done < settings.iterations:
+                log.info("refiner: %s at iteration %d: state saved; resume to go on",
+                         received[0] if received else "time limit reached", done)
+                return None
     final = out / REFINER_FILE
     model.eval()
     save(final, settings.iterations, with_optimizer=False)

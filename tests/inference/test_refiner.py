@@ -106,3 +106,24 @@ def test_structures_the_coarse_probabilities_rule_out_stay_out() -> None:
     fine, _ = refine_probabilities(refiner, probs, COARSE, intensity, COARSE, window=16)
     assert float(fine[2].max()) == 0.0  # class 2 is nowhere in the coarse probabilities
     assert torch.allclose(fine.sum(0), torch.ones(fine.shape[1:]), atol=1e-4)
+
+
+def test_sliding_windows_give_the_network_on_the_whole_box() -> None:
+    """The windowed run (half-precision class channels, float32 network) agrees with one
+    float32 pass of the refiner over the whole fine grid, away from the windows' seams."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(2)
+    logits = torch.from_numpy(rng.normal(0, 2, (3, 10, 10, 10)).astype(np.float32))
+    probs = torch.softmax(logits, dim=0)
+    refiner = Refiner(RefinerConfig(num_classes=3, channels=(4, 8, 8), squeeze=2))
+    torch.nn.init.normal_(refiner.head.weight, std=0.5)
+    intensity = rng.uniform(0, 100, (20, 20, 20)).astype(np.float32)
+    windowed, affine = refine_probabilities(refiner, probs, COARSE, intensity, COARSE, window=20)
+    fine = upsample_probabilities(probs, 2)
+    image = refiner_image(field_to_grid(intensity, COARSE, (20, 20, 20), affine),
+                          (fine[0] < 0.5).numpy())
+    with torch.no_grad():
+        whole = torch.softmax(refiner(torch.cat([torch.from_numpy(image)[None], fine])[None]),
+                              dim=1)[0]
+    assert windowed.dtype == torch.float32
+    assert torch.allclose(windowed, whole, atol=3e-3)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -74,3 +76,21 @@ def test_a_file_without_refiner_weights_is_refused(tmp_path: Path) -> None:
     torch.save({"model": {}}, tmp_path / "x.pt")
     with pytest.raises(ValueError, match="not a refiner"):
         load_refiner(tmp_path / "x.pt")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_a_stop_signal_saves_a_state_to_resume_from(tmp_path: Path, sig: signal.Signals) -> None:
+    """SLURM's pre-emption signals stop the refiner with a state, as they stop CA-Diff."""
+    torch.set_num_threads(1)
+
+    def stop(iteration: int) -> None:
+        if iteration == 3:
+            os.kill(os.getpid(), sig)
+
+    assert train_refiner(_dataset(), CONFIG, _settings(9), tmp_path, subjects=["toy"],
+                         progress=False, on_checkpoint=stop) is None
+    state = torch.load(tmp_path / REFINER_STATE, weights_only=True)
+    assert state["iteration"] == 4 and not (tmp_path / REFINER_FILE).exists()
+    assert signal.getsignal(sig) is not None  # the previous handler is back
+    assert train_refiner(_dataset(), CONFIG, _settings(9), tmp_path, subjects=["toy"],
+                         progress=False) == tmp_path / REFINER_FILE
