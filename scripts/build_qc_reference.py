@@ -87,13 +87,14 @@ def maps(args: argparse.Namespace) -> int:
 
 def build(args: argparse.Namespace) -> int:
     import pandas as pd
+    from calibration import chosen_for  # scripts/ is on the path
 
     from bids_cadiff.labels import SYNTHSEG32
     from bids_cadiff.qc.flags import QCReference
 
     frame = pd.read_csv(args.maps, sep="\t")
     summary = json.loads(args.calibration.read_text())
-    fold = next(f for f in summary["folds"] if Path(f["dir"]).name == args.fold)
+    fold = chosen_for(summary, args.fold)
     structures = [e.abbreviation for e in SYNTHSEG32.entries[1:]]
     volume, pieces = {}, {}
     for abbrev in structures:
@@ -186,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("build")
     b.add_argument("--maps", type=Path, required=True)
     b.add_argument("--calibration", type=Path, required=True)
-    b.add_argument("--fold", default="fold1", help="the shipped model's fold")
+    b.add_argument("--fold", default="fold1", help="the shipped model's fold, or 'out-of-fold' "
+                   "for a model trained on every subject (thresholds chosen on every subject's "
+                   "out-of-fold run; --runs then holds that model's own runs)")
     b.add_argument("--runs", type=Path, required=True,
                    help="the shipped model's calibration runs (scripts/calibration.py run)")
     b.add_argument("--out", type=Path, default=REPO / "bids_cadiff" / "data" / "qc_reference.json")

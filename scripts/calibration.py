@@ -18,7 +18,9 @@ the predicted or the reference brain, the final probabilities (uint8, as
 structures), plus the registration's NCC, in ``OUT/<subject>.npz``.
 
 ``store``: writes the temperature chosen for a fold (below) into that fold's model
-(:func:`bids_cadiff.inference.checkpoint.store_calibration`); the shipped model is fold 1's.
+(:func:`bids_cadiff.inference.checkpoint.store_calibration`). For a model trained on every
+subject (``--fold out-of-fold``), the temperature is the one chosen the same way on every
+subject's out-of-fold run, made by the fold model that did not train on it.
 
 ``summarise``: for each fold, its *test* subjects give the reported figures and its *training*
 subjects (every other subject scored by the same fold model) every choice:
@@ -293,6 +295,46 @@ def _reliability_png(raw: list[np.ndarray], chosen: list[np.ndarray], path: Path
     atomic_write(path, png_bytes(np.concatenate([left, gap, right], axis=1)))
 
 
+#: ``--fold`` of ``store`` (and of ``build_qc_reference.py build``) for a model trained on every
+#: subject: the choices made on all subjects' out-of-fold runs.
+OUT_OF_FOLD = "out-of-fold"
+
+
+def _choices(items: dict[str, dict], regs, table) -> dict:  # noqa: ANN001
+    """What is chosen on a set of runs (a fold's training subjects, or every subject's
+    out-of-fold run): the temperature (kept only if it lowers their ECE), the registration NCC
+    threshold per kind of image, and the largest mean brain uncertainty plus 3 SD."""
+    runs = list(items.values())
+    raw = [sum(x) for x in zip(*(_voxel_stats(i, 1.0) for i in runs))]
+    temperature = _fit_temperature(runs)
+    fitted = [sum(x) for x in zip(*(_voxel_stats(i, temperature) for i in runs))]
+    keep = _ece(*fitted) < _ece(*raw)
+    chosen = temperature if keep else 1.0
+    qc = [_structures(i, chosen, table)[1] for i in runs]
+    reg_min = {}
+    for kind, sub in regs.groupby("brain_only"):
+        sub = sub[sub.subject.isin(list(items))]
+        # halfway between the worst good registration and the best one off by SHIFT_MM
+        reg_min["brain_only" if kind else "with_skull"] = float(
+            (sub.ncc.min() + sub[f"ncc_shift{SHIFT_MM:g}mm"].max()) / 2)
+    return {"temperature_fitted": temperature, "temperature_kept": keep,
+            "train_ece_raw": _ece(*raw), "train_ece_fitted": _ece(*fitted),
+            "registration_min": reg_min,
+            "uncertainty_max": float(np.max(qc) + 3 * (np.std(qc, ddof=1) if len(qc) > 1 else 0.0))}
+
+
+def chosen_for(summary: dict, fold: str) -> dict:
+    """The choices for the model of ``fold`` (a fold folder's name), or for a model trained on
+    every subject (:data:`OUT_OF_FOLD`)."""
+    if fold == OUT_OF_FOLD:
+        return summary["out_of_fold"]
+    for entry in summary["folds"]:
+        if Path(entry["dir"]).name == fold:
+            return entry
+    raise SystemExit(f"no fold {fold!r} in the summary; use one of "
+                     f"{[Path(f['dir']).name for f in summary['folds']] + [OUT_OF_FOLD]}")
+
+
 def summarise(args: argparse.Namespace) -> int:
     from bids_cadiff.app.participant import load_model
     from bids_cadiff.qc.flags import load_reference  # noqa: F401 - the rule below is its doc
@@ -306,6 +348,7 @@ def summarise(args: argparse.Namespace) -> int:
     rows_out = []
     pooled = {"raw": [np.zeros(BINS)] * 3, "chosen": [np.zeros(BINS)] * 3}
     rank_u, rank_e = [], []
+    out_of_fold: dict[str, dict] = {}
     for fold_dir, tests in args.fold:
         test = [s for s in tests.split(",") if s]
         items = {p.stem: load_run(p) for p in sorted(Path(fold_dir).glob("sub-*.npz"))}
@@ -313,25 +356,11 @@ def summarise(args: argparse.Namespace) -> int:
         missing = [s for s in test if s not in items]
         if missing:
             raise SystemExit(f"{fold_dir}: no run for test subject(s) {missing}")
-        train_items = [items[s] for s in train]
-        raw_train = [sum(x) for x in zip(*(_voxel_stats(i, 1.0) for i in train_items))]
-        temperature = _fit_temperature(train_items)
-        fit_train = [sum(x) for x in zip(*(_voxel_stats(i, temperature) for i in train_items))]
-        keep = _ece(*fit_train) < _ece(*raw_train)
-        chosen_t = temperature if keep else 1.0
-        train_qc = [_structures(items[s], chosen_t, table)[1] for s in train]
-        ncc = {s: float(items[s]["registration_ncc"]) for s in items}
-        reg_min = {}
-        for kind, sub in regs.groupby("brain_only"):
-            sub = sub[sub.subject.isin(train)]
-            # halfway between the worst good registration and the best one off by SHIFT_MM
-            reg_min["brain_only" if kind else "with_skull"] = float(
-                (sub.ncc.min() + sub[f"ncc_shift{SHIFT_MM:g}mm"].max()) / 2)
-        unc_max = float(np.max(train_qc) + 3 * np.std(train_qc, ddof=1))
         fold = {"dir": str(fold_dir), "test": test, "train": train,
-                "temperature_fitted": temperature, "temperature_kept": keep,
-                "train_ece_raw": _ece(*raw_train), "train_ece_fitted": _ece(*fit_train),
-                "registration_min": reg_min, "uncertainty_max": unc_max}
+                **_choices({s: items[s] for s in train}, regs, table)}
+        chosen_t = fold["temperature_fitted"] if fold["temperature_kept"] else 1.0
+        ncc = {s: float(items[s]["registration_ncc"]) for s in items}
+        reg_min, unc_max = fold["registration_min"], fold["uncertainty_max"]
         for s in test:
             raw = _voxel_stats(items[s], 1.0)
             chosen = _voxel_stats(items[s], chosen_t)
@@ -351,6 +380,7 @@ def summarise(args: argparse.Namespace) -> int:
                 "flag_uncertainty": brain_unc > unc_max,
             })
         folds.append(fold)
+        out_of_fold.update({s: items[s] for s in test})
     frame = pd.DataFrame(rows_out)
     frame.to_csv(args.out_dir / "calibration.tsv", sep="\t", index=False, float_format="%.4f")
     test_regs = regs[regs.subject.isin([r["subject"] for r in rows_out])]
@@ -371,6 +401,10 @@ def summarise(args: argparse.Namespace) -> int:
         "spearman_uncertainty_vs_1_minus_dice": _spearman(np.array(rank_u), np.array(rank_e)),
         "structures_ranked": len(rank_u),
         "folds": folds,
+        # for a model trained on every subject: the same choices made on each subject's
+        # out-of-fold run (the fold model that did not train on it)
+        "out_of_fold": {"dir": OUT_OF_FOLD, "test": [], "train": sorted(out_of_fold),
+                        **_choices(out_of_fold, regs, table)},
         "bins": {k: [v.tolist() for v in pooled[k]] for k in pooled},
     }
     (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -385,17 +419,18 @@ def store(args: argparse.Namespace) -> int:
     from bids_cadiff.inference.checkpoint import store_calibration
 
     summary = json.loads(args.summary.read_text())
-    fold = next(f for f in summary["folds"] if Path(f["dir"]).name == args.fold)
+    fold = chosen_for(summary, args.fold)
     if not fold["temperature_kept"]:
         log.info("%s: no temperature was kept (it did not lower the training subjects' ECE)",
                  args.fold)
         return 0
     calibration = {
         "temperature": round(float(fold["temperature_fitted"]), 4),
-        "chosen_on": "negative log-likelihood of the final (refined) probabilities on the "
-        f"fold's training subjects {', '.join(fold['train'])} (T1.mgz), 25 temperatures "
-        f"from 0.5 to 4; their ECE {fold['train_ece_raw']:.3f} -> {fold['train_ece_fitted']:.3f} "
-        "(scripts/calibration.py)",
+        "chosen_on": "negative log-likelihood of the final (refined) probabilities on "
+        + (f"every subject's out-of-fold run (the fold model that did not train on it): "
+           if args.fold == OUT_OF_FOLD else "the fold's training subjects ")
+        + f"{', '.join(fold['train'])} (T1.mgz), 25 temperatures from 0.5 to 4; their ECE "
+        f"{fold['train_ece_raw']:.3f} -> {fold['train_ece_fitted']:.3f} (scripts/calibration.py)",
     }
     sha = store_calibration(args.model, args.model, calibration)
     log.info("%s: temperature %.4f stored, new content hash %s", args.model,
@@ -424,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--work", type=Path, default=REPO / "work" / "evaluate")
     t = sub.add_parser("store")
     t.add_argument("--summary", type=Path, required=True)
-    t.add_argument("--fold", default="fold1", help="the fold whose model --model is")
+    t.add_argument("--fold", default="fold1", help="the fold whose model --model is, or "
+                   f"{OUT_OF_FOLD!r} for a model trained on every subject")
     t.add_argument("--model", type=Path, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

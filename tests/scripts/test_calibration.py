@@ -65,3 +65,41 @@ def test_summarise_fits_the_temperature_on_training_subjects_and_reports_test_fi
     rows = pd.read_csv(tmp_path / "out" / "calibration.tsv", sep="\t")
     assert rows.subject.tolist() == ["sub-01"]
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_model_trained_on_every_subject_gets_choices_made_on_out_of_fold_runs(tmp_path):
+    """Two folds; every subject is a test subject of one. The out-of-fold choices use each
+    subject's run by the fold model that did not train on it, and `store --fold out-of-fold`
+    writes that temperature into a model trained on all of them."""
+    from bids_cadiff.inference.checkpoint import load_checkpoint
+    from tests.conftest import save_tiny_model
+
+    nccs = (0.55, 0.5, 0.6, 0.45)
+    for fold, sharpen in (("fold1", 2.0), ("fold2", 1.0)):
+        (tmp_path / fold).mkdir()
+        for k, ncc in enumerate(nccs):
+            _run(tmp_path / fold / f"sub-0{k + 1}.npz", k, sharpen=sharpen, ncc=ncc)
+    pd.DataFrame([{"subject": f"sub-0{k + 1}", "image": "T1.mgz", "brain_only": False,
+                   "ncc": ncc, "ncc_shift8mm": ncc - 0.25} for k, ncc in enumerate(nccs)]
+                 ).to_csv(tmp_path / "reg.tsv", sep="\t", index=False)
+    # fold 1's model is overconfident (its runs are sharpened), fold 2's is calibrated
+    assert calibration.main(["summarise", "--registrations", str(tmp_path / "reg.tsv"),
+                             "--fold", str(tmp_path / "fold1"), "sub-01,sub-02",
+                             "--fold", str(tmp_path / "fold2"), "sub-03,sub-04",
+                             "--out-dir", str(tmp_path / "out"),
+                             "--figure", str(tmp_path / "rel.png")]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    oof = calibration.chosen_for(summary, "out-of-fold")
+    assert oof["train"] == ["sub-01", "sub-02", "sub-03", "sub-04"] and oof["test"] == []
+    # half the out-of-fold runs are overconfident by 2, half calibrated: in between
+    assert 1.1 < oof["temperature_fitted"] < 1.9 and oof["temperature_kept"]
+    assert oof["registration_min"]["with_skull"] == pytest.approx(0.40)
+    assert calibration.chosen_for(summary, "fold2")["test"] == ["sub-03", "sub-04"]
+    with pytest.raises(SystemExit, match="out-of-fold"):
+        calibration.chosen_for(summary, "fold9")
+    model = save_tiny_model(tmp_path / "final.pt")
+    assert calibration.main(["store", "--summary", str(tmp_path / "out" / "summary.json"),
+                             "--fold", "out-of-fold", "--model", str(model)]) == 0
+    stored = load_checkpoint(model).metadata.calibration
+    assert stored["temperature"] == pytest.approx(oof["temperature_fitted"], abs=1e-4)
+    assert "out-of-fold run" in stored["chosen_on"]
