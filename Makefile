@@ -90,8 +90,9 @@ default-model: work/shared_bids/labels/dataset_description.json
 # (fixed beforehand); per fold the candidate with the best mean Dice on the fold's other subjects
 # is kept for its test subjects (scripts/crossval_nested.py). The multi-atlas baseline votes the
 # fold's training subjects. Registrations are cached in work/evaluate; about 30 min per fold.
-# Each fold's scores are a file of their own, made again only when its model.pt changes, so a
-# finished fold can be scored while another still trains: `make artifacts/crossval_v2/fold1_all.tsv`.
+# Each fold's scores are a file of their own, made again only when its model.pt changes (a
+# reinstall does not), so a finished fold can be scored while another still trains:
+# `make artifacts/crossval_v2/fold1_all.tsv`.
 CV2 := artifacts/crossval_v2
 CV_REFINE := em=1,em05=0.5
 CV_CANDIDATES := CA-Diff,CA-Diff + em,CA-Diff + em05
@@ -103,14 +104,14 @@ ATLASES1 := sub-03,sub-04,sub-05,sub-06,sub-07
 ATLASES2 := sub-01,sub-02,sub-05,sub-06,sub-07
 ATLASES3 := sub-01,sub-02,sub-03,sub-04
 .SECONDEXPANSION:
-$(CV2)/fold%_all.tsv: $(STAMP) $$(wildcard $(V2)/fold$$*/model.pt)
+$(CV2)/fold%_all.tsv: $$(wildcard $(V2)/fold$$*/model.pt) | $(STAMP)
 	$(STATE) finished $(V2)/fold$*
 	mkdir -p $(CV2)
 	$(EVAL) --model $(V2)/fold$*/model.pt --test $(ALL_FSTD) --no-multiatlas --no-prior-alone \
 	    --refine $(CV_REFINE) --out $(CV2)/fold$*_all.part.tsv
 	mv $(CV2)/fold$*_all.part.tsv $@
 
-$(CV2)/multiatlas_fold%.tsv: $(STAMP)
+$(CV2)/multiatlas_fold%.tsv: | $(STAMP)
 	mkdir -p $(CV2)
 	$(EVAL) --no-cadiff --test $(TEST$*) --atlases $(ATLASES$*) --out $(CV2)/multiatlas_fold$*.part.tsv
 	mv $(CV2)/multiatlas_fold$*.part.tsv $@

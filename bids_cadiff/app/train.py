@@ -692,7 +692,7 @@ def run_training(
         if config.refiner is not None and not result.stopped_early and ctx.is_main:
             assert result.checkpoint is not None
             limit = config.training.time_limit
-            stored = run_refiner_stage(
+            stop = run_refiner_stage(
                 config.refiner, model_voxel_size=data.voxel_size, table=table, merge=merge,
                 pairs=[p for p in pairs if p.subject in train_subjects], label_maps=maps,
                 split_midline_maps=data.split_midline_maps,
@@ -700,7 +700,8 @@ def run_training(
                 checkpoint=result.checkpoint, progress=progress,
                 time_left=(limit - (time.perf_counter() - clock_start)) if limit else None,
             )
-            result = dataclasses.replace(result, stopped_early=not stored)
+            if stop is not None:  # the exit status then says so (a signal: 128 + its number)
+                result = dataclasses.replace(result, stopped_early=True, signal=stop.signal)
         return result
     finally:
         if own_context:

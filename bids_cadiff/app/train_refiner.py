@@ -31,7 +31,7 @@ from bids_cadiff.errors import UsageError
 from bids_cadiff.labels import LabelTable
 from bids_cadiff.models.refiner import RefinerConfig
 from bids_cadiff.training.refiner_data import CoarseSimulation
-from bids_cadiff.training.refiner_loop import RefinerTraining
+from bids_cadiff.training.refiner_loop import RefinerStop, RefinerTraining
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def run_refiner_stage(
     checkpoint: Path,
     time_left: float | None,
     progress: bool = True,
-) -> bool:
+) -> RefinerStop | None:
     """Train (or resume) the refiner and store it in ``checkpoint``.
 
     Args:
@@ -113,8 +113,10 @@ def run_refiner_stage(
         time_left: seconds before the time limit (``None``: no limit).
 
     Returns:
-        ``True`` when the refiner is in ``checkpoint``; ``False`` when the time limit stopped
-        it first (its state is saved; resume to go on).
+        ``None`` when the refiner is in ``checkpoint``; a
+        :class:`~bids_cadiff.training.refiner_loop.RefinerStop` when the time limit, SIGTERM
+        or SIGUSR1 stopped it first (its state is saved; resume to go on). A signal while the
+        training data load stops it before the first iteration.
     """
     from bids_cadiff.inference.checkpoint import store_refiner
     from bids_cadiff.inference.refiner import grid_factor
@@ -123,6 +125,7 @@ def run_refiner_stage(
         load_label_map_volume,
         load_real_volume,
     )
+    from bids_cadiff.training.loop import _stop_on_signals
     from bids_cadiff.training.refiner_loop import (
         REFINER_FILE,
         load_refiner,
@@ -153,13 +156,17 @@ def run_refiner_stage(
         clock_start = time.monotonic()
         log.info("refiner: loading %d training image(s) and %d label map(s) at %g mm",
                  len(pairs), len(label_maps), config.voxel_size)
-        real = [load_real_volume(p.t1w, p.dseg, table, merge=merge,
-                                 voxel_size=config.voxel_size) for p in pairs]
-        maps = [load_label_map_volume(
-                    p, table, merge=merge, csf_to_background=csf_to_background,
-                    split_midline=any(fnmatch(p.name, s) for s in split_midline_maps),
-                    voxel_size=config.voxel_size)
-                for p in label_maps]
+        with _stop_on_signals() as received:  # loading takes minutes: a signal stops it too
+            real = [load_real_volume(p.t1w, p.dseg, table, merge=merge,
+                                     voxel_size=config.voxel_size) for p in pairs]
+            maps = [load_label_map_volume(
+                        p, table, merge=merge, csf_to_background=csf_to_background,
+                        split_midline=any(fnmatch(p.name, s) for s in split_midline_maps),
+                        voxel_size=config.voxel_size)
+                    for p in label_maps]
+        if received:
+            log.info("refiner: %s while loading its training data; resume to go on", received[0])
+            return RefinerStop(iteration=None, signal=received[0])
         settings = recipe.training
         dataset = RefinerPatches(
             real, maps, num_classes=table.num_classes, patch=settings.patch,
@@ -169,9 +176,9 @@ def run_refiner_stage(
         )
         done = train_refiner(dataset, config, settings, work, subjects=subjects,
                              time_limit=time_left, clock_start=clock_start, progress=progress)
-        if done is None:
-            return False
+        if isinstance(done, RefinerStop):
+            return done
         refiner, made = load_refiner(done)
     digest = store_refiner(checkpoint, checkpoint, refiner, made)
     log.info("refiner stored in %s (sha256 %s…)", checkpoint, digest[:12])
-    return True
+    return None

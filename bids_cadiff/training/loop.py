@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import filecmp
 import logging
 import math
 import random
@@ -781,8 +782,11 @@ def train(
                 seconds_before=seconds_before, scaler=scaler,
             )
         result_path = output_dir / FINAL_MODEL
-        with atomic_path(result_path) as tmp:
-            shutil.copyfile(final, tmp)
+        # an unchanged model is not written again: what depends on its timestamp (the
+        # cross-validation's score files) stays up to date
+        if not (result_path.is_file() and filecmp.cmp(final, result_path, shallow=False)):
+            with atomic_path(result_path) as tmp:
+                shutil.copyfile(final, tmp)
         logger.info("final model %s (iteration %d)", result_path, iteration)
     barrier(ctx)
     model.eval()

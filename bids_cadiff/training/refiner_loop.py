@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "RefinerTraining",
+    "RefinerStop",
     "refiner_settings",
     "train_refiner",
     "load_refiner",
@@ -63,6 +64,21 @@ class RefinerTraining:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class RefinerStop:
+    """Refiner training stopped before its last iteration, with its state saved (resume to go
+    on).
+
+    Attributes:
+        iteration: iterations done (``None``: stopped before training began).
+        signal: the signal that stopped it (``"SIGTERM"``, ``"SIGUSR1"``), or ``None`` for the
+            time limit.
+    """
+
+    iteration: int | None
+    signal: str | None = None
 
 
 def refiner_settings(
@@ -103,7 +119,7 @@ def train_refiner(
     clock_start: float | None = None,
     progress: bool = True,
     on_checkpoint: Callable[[int], None] | None = None,
-) -> Path | None:
+) -> Path | RefinerStop:
     """Train (or resume) a refiner in ``out_dir``.
 
     Args:
@@ -115,8 +131,12 @@ def train_refiner(
         time_limit: seconds since ``clock_start`` after which training stops with a state.
         progress: tqdm bar.
 
+    SIGTERM and SIGUSR1 (SLURM's pre-emption signals) also stop it with a state, after the
+    current iteration.
+
     Returns:
-        the final :data:`REFINER_FILE`, or ``None`` when the time limit stopped training first.
+        the final :data:`REFINER_FILE`, or a :class:`RefinerStop` when the time limit or a
+        signal stopped training first.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -181,7 +201,7 @@ def train_refiner(
             if out_of_time and done < settings.iterations:
                 log.info("refiner: %s at iteration %d: state saved; resume to go on",
                          received[0] if received else "time limit reached", done)
-                return None
+                return RefinerStop(iteration=done, signal=received[0] if received else None)
     final = out / REFINER_FILE
     model.eval()
     save(final, settings.iterations, with_optimizer=False)

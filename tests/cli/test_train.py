@@ -322,7 +322,9 @@ def test_train_on_real_images_with_ants_registration(tmp_path: Path):
         assert arrays["distance"].max() > 0.9 and arrays["image"].shape == (128, 128, 128)
 
 
-def test_a_refiner_stage_trains_after_ca_diff_and_lands_in_the_checkpoint(dataset, tmp_path: Path):
+def test_a_refiner_stage_trains_after_ca_diff_and_lands_in_the_checkpoint(
+    dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     bids, labels, atlas = dataset
     maps = _label_maps(labels, tmp_path / "maps")
     recipe = tmp_path / "recipe.toml"
@@ -332,7 +334,23 @@ def test_a_refiner_stage_trains_after_ca_diff_and_lands_in_the_checkpoint(datase
     args = [str(bids), str(labels), str(out), "--config", str(recipe), "--atlas", str(atlas),
             *TINY_ARGS, "--iterations", "2", "--val-participants", "03", "--sampling", "mixed",
             "--synth-label-maps", str(maps), "-w", str(tmp_path / "w")]
-    assert main(args) == 0
+    # SLURM's pre-emption signal in the refiner stage: exit 128 + SIGUSR1 (the sbatch script
+    # requeues on it) with the refiner's state saved, and CA-Diff's model already final
+    from bids_cadiff.training.refiner_data import RefinerPatches
+
+    patch_item = RefinerPatches.__getitem__
+
+    def signalling(self, index: int):  # noqa: ANN001, ANN202
+        if index == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return patch_item(self, index)
+
+    monkeypatch.setattr(RefinerPatches, "__getitem__", signalling)
+    assert main(args) == 128 + signal.SIGUSR1
+    assert load_checkpoint(out / "model.pt").refiner is None
+    assert torch.load(out / "refiner" / "refiner_state.pt", weights_only=True)["iteration"] == 2
+    monkeypatch.setattr(RefinerPatches, "__getitem__", patch_item)
+    assert main([*args, "--resume", "auto"]) == 0
     loaded = load_checkpoint(out / "model.pt")
     assert loaded.refiner is not None and loaded.refiner.config.channels == (4, 8, 8)
     assert loaded.refiner.config.num_classes == loaded.metadata.labels.num_classes

@@ -108,22 +108,46 @@ def test_structures_the_coarse_probabilities_rule_out_stay_out() -> None:
     assert torch.allclose(fine.sum(0), torch.ones(fine.shape[1:]), atol=1e-4)
 
 
-def test_sliding_windows_give_the_network_on_the_whole_box() -> None:
-    """The windowed run (half-precision class channels, float32 network) agrees with one
-    float32 pass of the refiner over the whole fine grid, away from the windows' seams."""
+def _float32_reference(refiner, probs, intensity, window):  # noqa: ANN001, ANN202
+    """The refinement as it was first written: every input channel in float32, stacked, as
+    MONAI's input (the coarse grid is the whole box here)."""
+    from monai.inferers import sliding_window_inference
+
+    shape, affine = fine_grid(tuple(probs.shape[1:]), COARSE, 2)
+    fine = upsample_probabilities(probs, 2)
+    image = refiner_image(field_to_grid(intensity, COARSE, shape, affine), (fine[0] < 0.5).numpy())
+    stacked = torch.cat([torch.from_numpy(image)[None], fine])[None]
+
+    def predictor(x: torch.Tensor) -> torch.Tensor:
+        out = torch.softmax(refiner(x), dim=1) * (x[:, 1:] > refiner.config.prob_floor)
+        return out / out.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+    size = [min(window, int(np.ceil(n / 4) * 4)) for n in shape]
+    with torch.no_grad():
+        out = sliding_window_inference(stacked, roi_size=size, sw_batch_size=1,
+                                       predictor=predictor, overlap=0.25, mode="gaussian",
+                                       padding_mode="constant")[0]
+    return out / out.sum(dim=0, keepdim=True)
+
+
+@pytest.mark.parametrize("coarse, window", [(10, 8), (9, 24)])
+def test_half_precision_classes_give_the_float32_result(coarse: int, window: int) -> None:
+    """The class channels travel in float16 as MONAI's `condition`, cut with the image into
+    windows: the result is the all-float32 one (to float16 rounding), with many windows (10³
+    coarse, 8³ windows) and with a box smaller than one window (9³ coarse: 18³ fine, padded
+    to 20³)."""
     torch.manual_seed(0)
     rng = np.random.default_rng(2)
-    logits = torch.from_numpy(rng.normal(0, 2, (3, 10, 10, 10)).astype(np.float32))
+    logits = torch.from_numpy(rng.normal(0, 2, (3, coarse, coarse, coarse)).astype(np.float32))
     probs = torch.softmax(logits, dim=0)
     refiner = Refiner(RefinerConfig(num_classes=3, channels=(4, 8, 8), squeeze=2))
     torch.nn.init.normal_(refiner.head.weight, std=0.5)
-    intensity = rng.uniform(0, 100, (20, 20, 20)).astype(np.float32)
-    windowed, affine = refine_probabilities(refiner, probs, COARSE, intensity, COARSE, window=20)
-    fine = upsample_probabilities(probs, 2)
-    image = refiner_image(field_to_grid(intensity, COARSE, (20, 20, 20), affine),
-                          (fine[0] < 0.5).numpy())
-    with torch.no_grad():
-        whole = torch.softmax(refiner(torch.cat([torch.from_numpy(image)[None], fine])[None]),
-                              dim=1)[0]
-    assert windowed.dtype == torch.float32
-    assert torch.allclose(windowed, whole, atol=3e-3)
+    intensity = rng.uniform(0, 100, (2 * coarse,) * 3).astype(np.float32)
+    windowed, _ = refine_probabilities(refiner, probs, COARSE, intensity, COARSE, window=window)
+    reference = _float32_reference(refiner, probs, intensity, window)
+    assert windowed.dtype == torch.float32 and windowed.shape == reference.shape
+    assert torch.allclose(windowed, reference, atol=2e-3)
+    # and a different window really changes the result near seams: the test can see them
+    if window < 2 * coarse:
+        other = _float32_reference(refiner, probs, intensity, 2 * coarse)
+        assert not torch.allclose(other, reference, atol=2e-3)

@@ -80,6 +80,12 @@ def test_resume_gives_bit_identical_weights(tmp_path: Path):
     assert log[0].startswith("iteration\tloss") and [r.split("\t")[0] for r in log[1:]] == ["2", "3", "4", "6"]
     val = (tmp_path / "b/val_log.tsv").read_text()
     assert "\n6\tmean\t" in val and "\n3\tmean\t" in val
+    # resuming the finished run leaves its model.pt untouched (the score files that depend on
+    # its timestamp stay up to date)
+    written = (tmp_path / "b" / "model.pt").stat().st_mtime_ns
+    train(_model(), items, settings=_settings(6), metadata=META, output_dir=tmp_path / "b",
+          resume=latest_checkpoint(tmp_path / "b"), progress=False)
+    assert (tmp_path / "b" / "model.pt").stat().st_mtime_ns == written
 
 
 def test_resume_refuses_other_settings(tmp_path: Path):

@@ -15,6 +15,7 @@ from bids_cadiff.training.refiner_data import CoarseSimulation, RefinerPatches, 
 from bids_cadiff.training.refiner_loop import (
     REFINER_FILE,
     REFINER_STATE,
+    RefinerStop,
     RefinerTraining,
     load_refiner,
     train_refiner,
@@ -53,7 +54,7 @@ def test_resuming_gives_the_weights_of_an_uninterrupted_run(tmp_path: Path) -> N
     whole = train_refiner(_dataset(), CONFIG, _settings(6), tmp_path / "a", subjects=["toy"],
                           progress=False)
     assert train_refiner(_dataset(), CONFIG, _settings(6), tmp_path / "b", subjects=["toy"],
-                         time_limit=0.0, progress=False) is None
+                         time_limit=0.0, progress=False) == RefinerStop(iteration=1, signal=None)
     state = torch.load(tmp_path / "b" / REFINER_STATE, weights_only=True)
     assert state["iteration"] == 1
     resumed = train_refiner(_dataset(), CONFIG, _settings(6), tmp_path / "b", subjects=["toy"],
@@ -87,10 +88,11 @@ def test_a_stop_signal_saves_a_state_to_resume_from(tmp_path: Path, sig: signal.
         if iteration == 3:
             os.kill(os.getpid(), sig)
 
+    before = signal.getsignal(sig)
     assert train_refiner(_dataset(), CONFIG, _settings(9), tmp_path, subjects=["toy"],
-                         progress=False, on_checkpoint=stop) is None
+                         progress=False, on_checkpoint=stop) == RefinerStop(4, sig.name)
     state = torch.load(tmp_path / REFINER_STATE, weights_only=True)
     assert state["iteration"] == 4 and not (tmp_path / REFINER_FILE).exists()
-    assert signal.getsignal(sig) is not None  # the previous handler is back
+    assert signal.getsignal(sig) == before  # the previous handler is back
     assert train_refiner(_dataset(), CONFIG, _settings(9), tmp_path, subjects=["toy"],
                          progress=False) == tmp_path / REFINER_FILE
