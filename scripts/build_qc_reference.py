@@ -26,7 +26,11 @@ cross-validation test subject, is used.
   chose on the training subjects of the shipped model's fold (``--fold``): the NCC halfway
   between the worst training registration and the best one moved by 8 mm (per kind of image:
   with skull, brain only), and the training images' largest mean brain uncertainty plus 3 SD
-  (at the temperature chosen there).
+  (at the temperature chosen there). For a model trained on every subject (``--fold
+  out-of-fold``), the same rules on every subject's registrations and on every subject's
+  out-of-fold run (the fold model that did not train on it); ``--runs`` then holds the shipped
+  model's own runs on all the subjects (its training subjects), for the volume and missing
+  checks.
 
 Last, it applies the reference to the calibration runs of ``--runs`` and prints every flag
 per subject, training and test subjects apart.
@@ -87,7 +91,7 @@ def maps(args: argparse.Namespace) -> int:
 
 def build(args: argparse.Namespace) -> int:
     import pandas as pd
-    from calibration import chosen_for  # scripts/ is on the path
+    from calibration import OUT_OF_FOLD, chosen_for  # scripts/ is on the path
 
     from bids_cadiff.labels import SYNTHSEG32
     from bids_cadiff.qc.flags import QCReference
@@ -95,6 +99,14 @@ def build(args: argparse.Namespace) -> int:
     frame = pd.read_csv(args.maps, sep="\t")
     summary = json.loads(args.calibration.read_text())
     fold = chosen_for(summary, args.fold)
+    out_of_fold = args.fold == OUT_OF_FOLD
+    made = set()
+    for path in args.runs.glob("sub-*.npz"):
+        with np.load(path) as run:
+            made.add(str(run["model_sha256"]))
+    if len(made) != 1:
+        raise SystemExit(f"{args.runs}: the runs must be one model's (the shipped one), found "
+                         f"{len(made)} model hashes")
     structures = [e.abbreviation for e in SYNTHSEG32.entries[1:]]
     volume, pieces = {}, {}
     for abbrev in structures:
@@ -131,14 +143,19 @@ def build(args: argparse.Namespace) -> int:
         structures=expected,
         table=structures,
         chosen_on={
-            "missing": "every structure the shipped model labels on all its fold's training "
-            f"subjects ({train}); left out: {', '.join(sorted(set(structures) - set(expected))) or 'none'}",
-            "registration": "halfway between the lowest NCC of a training registration and "
-            "the highest NCC of a training registration moved by 8 mm (the training subjects "
-            f"{train}: T1.mgz for images with skull, brainmask.mgz for brain-only ones; "
+            "missing": "every structure the shipped model labels on all its "
+            + ("" if out_of_fold else "fold's ")
+            + f"training subjects ({train}); left out: "
+            f"{', '.join(sorted(set(structures) - set(expected))) or 'none'}",
+            "registration": "halfway between the lowest NCC of a registration and the "
+            "highest NCC of a registration moved by 8 mm, over the "
+            + ("subjects " if out_of_fold else "training subjects ")
+            + f"{train} (T1.mgz for images with skull, brainmask.mgz for brain-only ones; "
             "scripts/calibration.py registration)",
-            "uncertainty": f"maximum mean brain uncertainty plus 3 SD over the same subjects "
-            f"({train})",
+            "uncertainty": "maximum mean brain uncertainty plus 3 SD over "
+            + (f"every subject's out-of-fold run ({train}; each by the cross-validation fold "
+               "model that did not train on it)" if out_of_fold
+               else f"the same subjects ({train})"),
             "volume": f"exp(mean +/- {VOLUME_SD:g} SD) of the log volume fraction over {n_maps} "
             "SynthSeg training label maps (no cross-validation subject), widened to hold the "
             f"shipped model's own volume fractions on its training subjects ({train}) within "

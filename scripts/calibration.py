@@ -19,8 +19,11 @@ structures), plus the registration's NCC, in ``OUT/<subject>.npz``.
 
 ``store``: writes the temperature chosen for a fold (below) into that fold's model
 (:func:`bids_cadiff.inference.checkpoint.store_calibration`). For a model trained on every
-subject (``--fold out-of-fold``), the temperature is the one chosen the same way on every
-subject's out-of-fold run, made by the fold model that did not train on it.
+subject with the folds' recipe (``--fold out-of-fold``), the temperature is the one chosen the
+same way on every subject's out-of-fold run (made by the fold model that did not train on it):
+the folds' test sets must be disjoint and together hold every subject. Unlike a fold's choice,
+it is made on runs by models that had not seen those subjects, and no subject is left to test
+it on; the per-fold figures are the evidence that the rule works.
 
 ``summarise``: for each fold, its *test* subjects give the reported figures and its *training*
 subjects (every other subject scored by the same fold model) every choice:
@@ -304,6 +307,8 @@ def _choices(items: dict[str, dict], regs, table) -> dict:  # noqa: ANN001
     """What is chosen on a set of runs (a fold's training subjects, or every subject's
     out-of-fold run): the temperature (kept only if it lowers their ECE), the registration NCC
     threshold per kind of image, and the largest mean brain uncertainty plus 3 SD."""
+    if len(items) < 2:
+        raise SystemExit(f"choices need at least 2 subjects' runs, got {sorted(items)}")
     runs = list(items.values())
     raw = [sum(x) for x in zip(*(_voxel_stats(i, 1.0) for i in runs))]
     temperature = _fit_temperature(runs)
@@ -320,13 +325,17 @@ def _choices(items: dict[str, dict], regs, table) -> dict:  # noqa: ANN001
     return {"temperature_fitted": temperature, "temperature_kept": keep,
             "train_ece_raw": _ece(*raw), "train_ece_fitted": _ece(*fitted),
             "registration_min": reg_min,
-            "uncertainty_max": float(np.max(qc) + 3 * (np.std(qc, ddof=1) if len(qc) > 1 else 0.0))}
+            "uncertainty_max": float(np.max(qc) + 3 * np.std(qc, ddof=1))}
 
 
 def chosen_for(summary: dict, fold: str) -> dict:
     """The choices for the model of ``fold`` (a fold folder's name), or for a model trained on
     every subject (:data:`OUT_OF_FOLD`)."""
     if fold == OUT_OF_FOLD:
+        if "out_of_fold" not in summary:
+            raise SystemExit("the summary has no out-of-fold choices: run `scripts/calibration.py "
+                             "summarise` again with every fold, so each subject is a test "
+                             "subject of one")
         return summary["out_of_fold"]
     for entry in summary["folds"]:
         if Path(entry["dir"]).name == fold:
@@ -348,9 +357,14 @@ def summarise(args: argparse.Namespace) -> int:
     rows_out = []
     pooled = {"raw": [np.zeros(BINS)] * 3, "chosen": [np.zeros(BINS)] * 3}
     rank_u, rank_e = [], []
-    out_of_fold: dict[str, dict] = {}
+    out_of_fold: dict[str, dict] = {}  # each subject's run by the fold that tested it
+    every: set[str] = set()
     for fold_dir, tests in args.fold:
         test = [s for s in tests.split(",") if s]
+        twice = sorted(set(test) & set(out_of_fold))
+        if twice:
+            raise SystemExit(f"{fold_dir}: {twice} already a test subject of an earlier fold; "
+                             "the folds' test sets must be disjoint")
         items = {p.stem: load_run(p) for p in sorted(Path(fold_dir).glob("sub-*.npz"))}
         train = [s for s in items if s not in test]
         missing = [s for s in test if s not in items]
@@ -381,6 +395,11 @@ def summarise(args: argparse.Namespace) -> int:
             })
         folds.append(fold)
         out_of_fold.update({s: items[s] for s in test})
+        every.update(items)
+    untested = sorted(every - set(out_of_fold))
+    if untested:
+        log.info("no out-of-fold choices: %s are in no fold's test subjects (give every fold so "
+                 "each subject is tested once)", untested)
     frame = pd.DataFrame(rows_out)
     frame.to_csv(args.out_dir / "calibration.tsv", sep="\t", index=False, float_format="%.4f")
     test_regs = regs[regs.subject.isin([r["subject"] for r in rows_out])]
@@ -403,11 +422,12 @@ def summarise(args: argparse.Namespace) -> int:
         "folds": folds,
         # for a model trained on every subject: the same choices made on each subject's
         # out-of-fold run (the fold model that did not train on it)
-        "out_of_fold": {"dir": OUT_OF_FOLD, "test": [], "train": sorted(out_of_fold),
-                        **_choices(out_of_fold, regs, table)},
+        **({} if untested else {"out_of_fold": {
+            "dir": OUT_OF_FOLD, "test": [], "train": sorted(out_of_fold),
+            **_choices(out_of_fold, regs, table)}}),
         "bins": {k: [v.tolist() for v in pooled[k]] for k in pooled},
     }
-    (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     _reliability_png(pooled["raw"], pooled["chosen"], args.figure)
     print(frame.to_string(index=False))
     print(json.dumps({k: v for k, v in summary.items() if k not in ("bins",)}, indent=2))
@@ -415,14 +435,15 @@ def summarise(args: argparse.Namespace) -> int:
 
 
 def store(args: argparse.Namespace) -> int:
-    """Write the temperature chosen on a fold's training subjects into that fold's model."""
+    """Write the temperature chosen for a fold's model (on its training subjects), or for a
+    model trained on every subject (on the out-of-fold runs), into that model."""
     from bids_cadiff.inference.checkpoint import store_calibration
 
     summary = json.loads(args.summary.read_text())
     fold = chosen_for(summary, args.fold)
     if not fold["temperature_kept"]:
-        log.info("%s: no temperature was kept (it did not lower the training subjects' ECE)",
-                 args.fold)
+        log.info("%s: no temperature was kept (it did not lower the ECE of the runs it was "
+                 "fitted on)", args.fold)
         return 0
     calibration = {
         "temperature": round(float(fold["temperature_fitted"]), 4),

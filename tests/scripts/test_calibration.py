@@ -69,32 +69,36 @@ def test_summarise_fits_the_temperature_on_training_subjects_and_reports_test_fi
 
 def test_a_model_trained_on_every_subject_gets_choices_made_on_out_of_fold_runs(tmp_path):
     """Two folds; every subject is a test subject of one. The out-of-fold choices use each
-    subject's run by the fold model that did not train on it, and `store --fold out-of-fold`
-    writes that temperature into a model trained on all of them."""
+    subject's run by the fold model that did not train on it (here overconfident by 2, while
+    the runs on training subjects are calibrated), and `store --fold out-of-fold` writes that
+    temperature into a model trained on all of them."""
     from bids_cadiff.inference.checkpoint import load_checkpoint
     from tests.conftest import save_tiny_model
 
-    nccs = (0.55, 0.5, 0.6, 0.45)
-    for fold, sharpen in (("fold1", 2.0), ("fold2", 1.0)):
+    nccs = {"sub-01": 0.55, "sub-02": 0.5, "sub-03": 0.6, "sub-04": 0.45}
+    shifted = {"sub-01": 0.2, "sub-02": 0.1, "sub-03": 0.3, "sub-04": 0.05}
+    tests = {"fold1": ["sub-01", "sub-02"], "fold2": ["sub-03", "sub-04"]}
+    for fold, test in tests.items():
         (tmp_path / fold).mkdir()
-        for k, ncc in enumerate(nccs):
-            _run(tmp_path / fold / f"sub-0{k + 1}.npz", k, sharpen=sharpen, ncc=ncc)
-    pd.DataFrame([{"subject": f"sub-0{k + 1}", "image": "T1.mgz", "brain_only": False,
-                   "ncc": ncc, "ncc_shift8mm": ncc - 0.25} for k, ncc in enumerate(nccs)]
+        for k, (subject, ncc) in enumerate(nccs.items()):
+            _run(tmp_path / fold / f"{subject}.npz", k, sharpen=2.0 if subject in test else 1.0,
+                 ncc=ncc)
+    pd.DataFrame([{"subject": s, "image": "T1.mgz", "brain_only": False, "ncc": ncc,
+                   "ncc_shift8mm": shifted[s]} for s, ncc in nccs.items()]
                  ).to_csv(tmp_path / "reg.tsv", sep="\t", index=False)
-    # fold 1's model is overconfident (its runs are sharpened), fold 2's is calibrated
-    assert calibration.main(["summarise", "--registrations", str(tmp_path / "reg.tsv"),
-                             "--fold", str(tmp_path / "fold1"), "sub-01,sub-02",
-                             "--fold", str(tmp_path / "fold2"), "sub-03,sub-04",
-                             "--out-dir", str(tmp_path / "out"),
-                             "--figure", str(tmp_path / "rel.png")]) == 0
+    summarise = ["summarise", "--registrations", str(tmp_path / "reg.tsv"),
+                 "--out-dir", str(tmp_path / "out"), "--figure", str(tmp_path / "rel.png")]
+    assert calibration.main([*summarise, "--fold", str(tmp_path / "fold1"), "sub-01,sub-02",
+                             "--fold", str(tmp_path / "fold2"), "sub-03,sub-04"]) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     oof = calibration.chosen_for(summary, "out-of-fold")
     assert oof["train"] == ["sub-01", "sub-02", "sub-03", "sub-04"] and oof["test"] == []
-    # half the out-of-fold runs are overconfident by 2, half calibrated: in between
-    assert 1.1 < oof["temperature_fitted"] < 1.9 and oof["temperature_kept"]
-    assert oof["registration_min"]["with_skull"] == pytest.approx(0.40)
-    assert calibration.chosen_for(summary, "fold2")["test"] == ["sub-03", "sub-04"]
+    assert oof["temperature_fitted"] == pytest.approx(2.0, rel=0.15) and oof["temperature_kept"]
+    # the folds' own choices are made on their (calibrated) training subjects' runs
+    assert calibration.chosen_for(summary, "fold2")["temperature_fitted"] == pytest.approx(1.0, rel=0.15)
+    # every subject's registrations: halfway between 0.45 (worst) and 0.3 (best shifted)
+    assert oof["registration_min"]["with_skull"] == pytest.approx(0.375)
+    assert calibration.chosen_for(summary, "fold2")["registration_min"]["with_skull"] == pytest.approx(0.35)
     with pytest.raises(SystemExit, match="out-of-fold"):
         calibration.chosen_for(summary, "fold9")
     model = save_tiny_model(tmp_path / "final.pt")
@@ -103,3 +107,12 @@ def test_a_model_trained_on_every_subject_gets_choices_made_on_out_of_fold_runs(
     stored = load_checkpoint(model).metadata.calibration
     assert stored["temperature"] == pytest.approx(oof["temperature_fitted"], abs=1e-4)
     assert "out-of-fold run" in stored["chosen_on"]
+    # one fold leaves subjects untested: no out-of-fold choices, and store says why
+    assert calibration.main([*summarise, "--fold", str(tmp_path / "fold1"), "sub-01,sub-02"]) == 0
+    with pytest.raises(SystemExit, match="every fold"):
+        calibration.chosen_for(json.loads((tmp_path / "out" / "summary.json").read_text()),
+                               "out-of-fold")
+    # a subject tested by two folds is refused
+    with pytest.raises(SystemExit, match="disjoint"):
+        calibration.main([*summarise, "--fold", str(tmp_path / "fold1"), "sub-01,sub-02",
+                          "--fold", str(tmp_path / "fold2"), "sub-02,sub-03,sub-04"])
